@@ -116,8 +116,9 @@ class TokenPackerRegionAttention(nn.Module):
         query = self._split_heads(self.q_proj(point_queries))
         key = self._split_heads(self.k_proj(region_keys))
         value = self._split_heads(self.v_proj(region_values))
+        # A projector built standalone (outside a PreTrainedModel) has no resolved choice yet: use sdpa.
         attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward
+            self.config._attn_implementation or "sdpa", eager_attention_forward
         )
         output, _ = attention_interface(
             self, query, key, value, None, scaling=self.scaling, dropout=0.0, is_causal=False, **kwargs
