@@ -1,5 +1,36 @@
-"""TokenPacker (arXiv 2407.02392) as a Hugging Face transformers model."""
+"""TokenPacker (arXiv 2407.02392) as a Hugging Face transformers model.
+
+Importing the package registers it with the Auto classes, and marks its classes for remote code so that
+`save_pretrained` / `push_to_hub` write folders that load with `trust_remote_code=True` anywhere.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
 
 from .configuration_tokenpacker import TokenPackerConfig
+from .modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel, TokenPackerPreTrainedModel
+from .projector_tokenpacker import (
+    AvgPoolProjector,
+    MLPProjector,
+    PixelShuffleProjector,
+    TokenPackerProjector,
+    build_projector,
+)
 
-__all__ = ["TokenPackerConfig"]
+AutoConfig.register("tokenpacker", TokenPackerConfig, exist_ok=True)
+AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
+AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
+TokenPackerConfig.register_for_auto_class()
+TokenPackerModel.register_for_auto_class("AutoModel")
+TokenPackerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+
+__all__ = [
+    "TokenPackerConfig",
+    "TokenPackerPreTrainedModel",
+    "TokenPackerModel",
+    "TokenPackerForConditionalGeneration",
+    "TokenPackerProjector",
+    "MLPProjector",
+    "AvgPoolProjector",
+    "PixelShuffleProjector",
+    "build_projector",
+]

@@ -9,6 +9,14 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 PROJECTOR_TYPES = ("tokenpacker", "mlp", "avg_pool", "pixel_shuffle")
 
+# Saved into config.json so a folder loads with AutoModel as well as AutoModelForImageTextToText under
+# trust_remote_code: save_pretrained alone records only the auto class of the object being saved.
+AUTO_MAP = {
+    "AutoConfig": "configuration_tokenpacker.TokenPackerConfig",
+    "AutoModel": "modeling_tokenpacker.TokenPackerModel",
+    "AutoModelForImageTextToText": "modeling_tokenpacker.TokenPackerForConditionalGeneration",
+}
+
 
 @strict
 class TokenPackerConfig(PreTrainedConfig):
@@ -105,6 +113,7 @@ class TokenPackerConfig(PreTrainedConfig):
             self.projector_hidden_size = self.vision_config.hidden_size
         if self.projector_num_heads is None:
             self.projector_num_heads = max(1, self.projector_hidden_size // 128)
+        self.auto_map = {**AUTO_MAP, **(getattr(self, "auto_map", None) or {})}
         # The attribute lives on text_config for most LMs; forward it so tying really happens.
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
