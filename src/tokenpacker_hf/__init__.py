@@ -4,10 +4,12 @@ Importing the package registers it with the Auto classes, and marks its classes 
 `save_pretrained` / `push_to_hub` write folders that load with `trust_remote_code=True` anywhere.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForImageTextToText
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_tokenpacker import TokenPackerConfig
+from .image_processing_tokenpacker import TokenPackerImageProcessor, get_slice_grid
 from .modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel, TokenPackerPreTrainedModel
+from .processing_tokenpacker import TokenPackerProcessor, count_image_tokens
 from .projector_tokenpacker import (
     AvgPoolProjector,
     MLPProjector,
@@ -19,7 +21,11 @@ from .projector_tokenpacker import (
 AutoConfig.register("tokenpacker", TokenPackerConfig, exist_ok=True)
 AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
 AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
+AutoImageProcessor.register(TokenPackerConfig, image_processor_classes={"pil": TokenPackerImageProcessor}, exist_ok=True)
+AutoProcessor.register(TokenPackerConfig, TokenPackerProcessor, exist_ok=True)
 TokenPackerConfig.register_for_auto_class()
+TokenPackerImageProcessor.register_for_auto_class("AutoImageProcessor")
+TokenPackerProcessor.register_for_auto_class("AutoProcessor")
 TokenPackerModel.register_for_auto_class("AutoModel")
 TokenPackerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
@@ -28,6 +34,10 @@ __all__ = [
     "TokenPackerPreTrainedModel",
     "TokenPackerModel",
     "TokenPackerForConditionalGeneration",
+    "TokenPackerImageProcessor",
+    "TokenPackerProcessor",
+    "get_slice_grid",
+    "count_image_tokens",
     "TokenPackerProjector",
     "MLPProjector",
     "AvgPoolProjector",
