@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from tiny import vision_config
+from tiny import tiny_config
 from tokenpacker_hf.image_processing_tokenpacker import (
     SLICE_GRIDS,
     TokenPackerImageProcessor,
@@ -214,9 +214,7 @@ def test_tiles_are_row_major_and_padding_is_bottom_right():
 
 
 def test_tile_size_follows_the_vision_config():
-    processor = TokenPackerImageProcessor.from_vision_config(
-        type("VisionConfig", (), vision_config())(), image_mode="slice"
-    )
+    processor = TokenPackerImageProcessor.from_vision_config(tiny_config().vision_config, image_mode="slice")
     out = processor([noise_image(40, 24), noise_image(8, 8)])
     assert processor.tile_size == 16
     assert out["pixel_values"].shape[1:] == (3, 16, 16)

@@ -77,6 +77,13 @@ def test_slice_mode_layout_of_a_2x3_grid():
     assert out["pixel_values"].shape == (7, 3, 16, 16)
 
 
+def test_call_time_options_override_the_settings():
+    processor = make_processor("pad")
+    out = processor(images=noise_image(48, 32), text="<image>", image_mode="slice", return_tensors="np")
+    assert out["image_grids"].tolist() == [[2, 3]] and out["pixel_values"].shape == (7, 3, 16, 16)
+    assert isinstance(out["input_ids"], np.ndarray) and out["input_ids"].shape == (1, count_image_tokens(2, 3, T))
+
+
 def test_a_1x1_slice_ends_with_one_row_separator():
     out = make_processor("slice")(images=noise_image(16, 16), text="<image>")
     assert out["image_grids"].tolist() == [[1, 1]]

@@ -9,8 +9,6 @@ row's tiles joined by the tile separator and closed by the row separator, then t
 
 from typing import Any
 
-import torch
-
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
@@ -239,11 +237,9 @@ class TokenPackerProcessor(ProcessorMixin):
                 f"prompts expand to different lengths {[len(ids) for ids in input_ids]}; pass padding=True to "
                 f"return tensors"
             )
-        data = {"input_ids": input_ids, "attention_mask": attention_mask, **data}
-        if return_tensors is not None:
-            data["input_ids"] = torch.tensor(input_ids, dtype=torch.long)
-            data["attention_mask"] = torch.tensor(attention_mask, dtype=torch.long)
-        return BatchFeature(data=data)
+        return BatchFeature(
+            data={"input_ids": input_ids, "attention_mask": attention_mask, **data}, tensor_type=return_tensors
+        )
 
     def _check_image_counts(self, images: Any, images_per_prompt: list[int]) -> list[Any]:
         """The flat image list, after checking it holds exactly one image per image token (per prompt if
