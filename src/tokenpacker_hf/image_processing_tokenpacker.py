@@ -162,7 +162,7 @@ def to_rgb_image(image: Any) -> Image.Image:
 
 
 def reduce_for_target(image: Image.Image, target: tuple[int, int]) -> Image.Image:
-    """`image` box-reduced by the largest integer factor that keeps it `2 ×` its resize `target` (h, w).
+    """`image` box-reduced by the largest integer factor that keeps it at least `2 ×` its resize `target` (h, w).
 
     Bounds memory for huge inputs: the float tensor made afterwards is at most ~4× the target canvas.
     Images not larger than that are returned unchanged, so they follow the original exactly.
@@ -238,9 +238,9 @@ class TokenPackerImageProcessor(BaseImageProcessor):
           rows·cols > 1), then those of image 1, ...
         - `image_grids`: `[num_images, 2]` int64 (rows, cols) per image; (1, 1) in pad/square mode.
 
-    Images larger than `2 ×` their slice-mode resize target are first reduced with PIL's box filter by an
-    integer factor (keeping at least twice the target resolution), so a 100-megapixel image never becomes a
-    full-size float tensor. This differs from the original only for such images, by the tiny difference
+    In slice mode, images at least `4 ×` their resize target on both sides are first reduced with PIL's box
+    filter by an integer factor (keeping at least twice the target resolution), so a 100-megapixel image never
+    becomes a full-size float tensor. This differs from the original only for such images, by the tiny difference
     between bilinear-from-full-size and bilinear-from-box-reduced.
     """
 
