@@ -1,0 +1,112 @@
+"""Finetune TokenPacker on LLaVA-format data with `transformers.Trainer`.
+
+One process (CPU or one GPU):
+
+    python examples/train.py --model_name_or_path PATH --data_path data.json --image_folder images \
+        --preset stage2 --output_dir out --per_device_train_batch_size 16 --learning_rate 2e-5
+
+Several processes, unchanged (DDP; add a DeepSpeed or FSDP config from examples/configs/ for large models):
+
+    torchrun --nproc_per_node 8 examples/train.py ... --deepspeed examples/configs/zero2.json
+    accelerate launch --config_file examples/configs/fsdp.yaml examples/train.py ...
+
+Presets (../shared/docs/tokenpacker-spec.md §5): `stage1` trains the projector only (the paper used lr 1e-3),
+`stage2` the projector and the LLM (lr 2e-5), `lora` LoRA adapters on the LLM plus the full projector. The vision
+tower stays frozen unless `--unfreeze_vision_tower`. Defaults follow the paper's recipe: activation checkpointing,
+bf16 where the GPU supports it, cosine schedule, 3 % warm-up, no weight decay, 1 epoch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
+
+from tokenpacker_hf.training import PRESETS, LlavaDataset, TokenPackerCollator, apply_preset
+
+logger = logging.getLogger("tokenpacker_hf.train")
+
+
+@dataclass
+class ModelArguments:
+    model_name_or_path: str = field(metadata={"help": "TokenPacker model folder or Hub repo (with its processor)."})
+    preset: str = field(default="stage2", metadata={"help": f"What trains: one of {PRESETS}."})
+    unfreeze_vision_tower: bool = field(default=False, metadata={"help": "Also train the vision tower."})
+    lora_r: int = field(default=64, metadata={"help": "LoRA rank (preset lora)."})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (preset lora)."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (preset lora)."})
+    dtype: str = field(
+        default="float32",
+        metadata={"help": "Weights dtype at load; keep float32 with --bf16 (mixed precision with fp32 master weights)."},
+    )
+    attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Needed only for models this package can't load."})
+
+
+@dataclass
+class DataArguments:
+    data_path: str = field(metadata={"help": "LLaVA-format .json (a list) or .jsonl file."})
+    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    model_max_length: int = field(
+        default=2048, metadata={"help": "Longer samples lose text from their end; image tokens are never cut."}
+    )
+
+
+def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments]:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.set_defaults(
+        remove_unused_columns=False,  # the model needs pixel_values and image_grids, which Trainer would drop
+        activation_checkpointing=True,
+        bf16=torch.cuda.is_available() and torch.cuda.is_bf16_supported(),
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.0,
+        num_train_epochs=1,
+    )
+    return parser.parse_args_into_dataclasses()
+
+
+def main():
+    model_args, data_args, training_args = parse_args()
+    logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+
+    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        model_args.model_name_or_path,
+        dtype=getattr(torch, model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+        trust_remote_code=model_args.trust_remote_code,
+    )
+    model = apply_preset(
+        model,
+        model_args.preset,
+        unfreeze_vision_tower=model_args.unfreeze_vision_tower,
+        lora_r=model_args.lora_r,
+        lora_alpha=model_args.lora_alpha,
+        lora_dropout=model_args.lora_dropout,
+    )
+    dataset = LlavaDataset(
+        data_args.data_path, processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
+    )
+    if training_args.ddp_find_unused_parameters is None and any(not paths for _, paths in dataset.samples):
+        # A rank whose batch is text only leaves the projector without gradients; DDP must not wait for them.
+        training_args.ddp_find_unused_parameters = True
+
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=dataset,
+        data_collator=TokenPackerCollator(processor),
+        processing_class=processor,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.save_model(training_args.output_dir)
+    if dataset.skipped or dataset.truncated:
+        logger.warning("rank %d: skipped %s, truncated %d samples", training_args.process_index,
+                       dict(dataset.skipped), len(dataset.truncated))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,507 @@
+# Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
+"""Finetuning TokenPacker with `transformers.Trainer`: a LLaVA-format dataset, a padding collator, the freezing
+presets of the original two-stage recipe (`../shared/docs/tokenpacker-spec.md` §5) plus LoRA, and a model card for
+`push_to_hub`.
+
+Labels follow the original `preprocess_v1` (spec §4.3): only what the model has to generate after each
+`ASSISTANT:` generation prompt (the answer and its `</s>`) is supervised; the system prompt, user turns and every
+image position are -100.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from huggingface_hub import ModelCard, ModelCardData
+from PIL import Image
+from torch import nn
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+PRESETS = ("stage1", "stage2", "lora")
+# LoRA on the language model's attention and MLP Linears only; a list target would be a suffix match that also
+# hits the vision tower's and the projector's q/k/v projections (hf-conventions §3.1).
+LORA_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
+LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+class SkipSample(Exception):
+    """A sample that cannot be trained on; `reason` is the key it is counted under."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Conversations and labels
+
+
+def llava_to_messages(conversations: list[dict[str, str]], image_token: str = "<image>") -> list[dict[str, Any]]:
+    """LLaVA turns (`{"from": "human"|"gpt"|"system", "value": str}`) -> chat-template messages.
+
+    As the original's `preprocess_multimodal`, a user turn's images move to its front: the `<image>` markers
+    become `{"type": "image"}` items, which the vicuna_v1 template renders as `<image>\\n` before the text.
+    A leading assistant turn is dropped, as the original does. Raises `SkipSample("malformed")` for turns that
+    are not `{"from", "value"}` dicts with a known role, or a conversation without a user and an assistant turn.
+    """
+    messages = []
+    for turn in conversations:
+        if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
+            raise SkipSample("malformed", f"expected turns {{'from': one of {sorted(LLAVA_ROLES)}, 'value': str}}, "
+                             f"got {turn!r}")
+        role, value = LLAVA_ROLES[turn["from"]], turn["value"]
+        if role == "assistant" and not any(m["role"] == "user" for m in messages):
+            continue
+        if role == "user":
+            images = [{"type": "image"}] * value.count(image_token)
+            content = images + [{"type": "text", "text": value.replace(image_token, "").strip()}]
+        else:
+            content = [{"type": "text", "text": value}]
+        messages.append({"role": role, "content": content})
+    roles = {m["role"] for m in messages}
+    if not {"user", "assistant"} <= roles:
+        raise SkipSample("malformed", f"a conversation needs a user and an assistant turn, got roles {sorted(roles)}")
+    return messages
+
+
+def supervised_char_spans(processor: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans the model must generate (each assistant turn after its
+    generation prompt, through its end token).
+
+    Rendered turn by turn: for assistant message k the span runs from the end of `messages[:k]` + generation
+    prompt to the end of `messages[:k+1]`. This needs a prefix-stable chat template, which is checked.
+    """
+    def render(prefix: list[dict[str, Any]], generation_prompt: bool = False) -> str:
+        return processor.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
+
+    text = render(messages)
+    spans = []
+    for k, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt, through = render(messages[:k], generation_prompt=True), render(messages[: k + 1])
+        if not (through.startswith(prompt) and text.startswith(through)):
+            raise ValueError(
+                "the chat template is not prefix-stable: rendering the conversation turn by turn does not give "
+                f"prefixes of the full rendering (turn {k}), so answer boundaries cannot be located"
+            )
+        spans.append((len(prompt), len(through)))
+    return text, spans
+
+
+def token_labels(
+    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
+) -> list[int]:
+    """Per token, its id if its characters overlap a supervised span, else -100 (special tokens added by the
+    tokenizer, such as BOS, have empty offsets and are never supervised)."""
+    labels = []
+    for token_id, (start, end) in zip(input_ids, offsets):
+        inside = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
+        labels.append(token_id if inside else IGNORE_INDEX)
+    return labels
+
+
+def encode_conversation(
+    processor: Any, messages: list[dict[str, Any]], images: list[Image.Image], max_length: int | None = None
+) -> dict[str, Any]:
+    """One training example: the processor's ids (each `<image>` expanded to its token layout) and labels.
+
+    Returns `input_ids [L]`, `labels [L]` (-100 outside the answers and on every image position), and with
+    images `pixel_values [tiles, 3, S, S]` and `image_grids [num_images, 2]`, plus `truncated` (bool).
+    A sequence over `max_length` (default `tokenizer.model_max_length`) loses text from its end only; it is
+    skipped (`SkipSample`) if that would cut an image's tokens or leave no answer token.
+    """
+    tokenizer = processor.tokenizer
+    text, spans = supervised_char_spans(processor, messages)
+    encoded = tokenizer(text, return_offsets_mapping=True)
+    labels = token_labels(encoded["input_ids"], encoded["offset_mapping"], spans)
+
+    features = processor(images=images or None, text=text, return_tensors="pt")
+    input_ids = features["input_ids"][0]
+    grids = features["image_grids"].tolist() if images else []
+    expanded, image_end, image_token_id, grid_iter = [], 0, processor.image_token_id, iter(grids)
+    for token_id, label in zip(encoded["input_ids"], labels):
+        if token_id == image_token_id:
+            expanded += [IGNORE_INDEX] * len(processor.image_token_layout(tuple(next(grid_iter))))
+            image_end = len(expanded)
+        else:
+            expanded.append(label)
+    if len(expanded) != len(input_ids):
+        raise RuntimeError(
+            f"labels ({len(expanded)}) and the processor's input_ids ({len(input_ids)}) disagree in length; the "
+            "processor expands <image> differently from `image_token_layout`"
+        )
+    labels_tensor = torch.tensor(expanded, dtype=torch.long)
+
+    max_length = max_length or tokenizer.model_max_length
+    truncated = len(input_ids) > max_length
+    if truncated:
+        if image_end > max_length:
+            raise SkipSample(
+                "image_tokens_exceed_max_length",
+                f"the image tokens end at position {image_end}, beyond max_length={max_length}",
+            )
+        input_ids, labels_tensor = input_ids[:max_length], labels_tensor[:max_length]
+    if not (labels_tensor != IGNORE_INDEX).any():
+        raise SkipSample("no_answer_tokens", f"no answer token within max_length={max_length}")
+    example = {"input_ids": input_ids, "labels": labels_tensor, "truncated": truncated}
+    if images:
+        example["pixel_values"] = features["pixel_values"]
+        example["image_grids"] = features["image_grids"]
+    return example
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dataset and collator
+
+
+def load_llava_records(data_path: str | os.PathLike) -> list[Any]:
+    """Records of a LLaVA-format `.json` (a list) or `.jsonl` (one record a line) file."""
+    with open(data_path, encoding="utf-8") as handle:
+        if str(data_path).endswith(".jsonl"):
+            return [json.loads(line) for line in handle if line.strip()]
+        records = json.load(handle)
+    if not isinstance(records, list):
+        raise ValueError(f"{data_path}: expected a JSON list of samples, got a {type(records).__name__}")
+    return records
+
+
+def image_paths(record: dict[str, Any], image_folder: str | os.PathLike | None) -> list[str]:
+    """The record's image files (`"image"`: a path or a list of paths, relative to `image_folder`)."""
+    images = record.get("image")
+    if images is None:
+        return []
+    names = [images] if isinstance(images, str) else list(images)
+    return [os.path.join(image_folder or "", name) for name in names]
+
+
+class LlavaDataset(torch.utils.data.Dataset):
+    """LLaVA-format conversations with images, encoded for [`TokenPackerCollator`].
+
+    Records: `{"image": "rel/path.jpg" | [paths] (optional), "conversations": [{"from": "human", "value":
+    "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
+
+    A scan at construction drops (and counts in `skipped`, by reason) malformed records, records whose
+    `<image>` count differs from their number of images, and records with a missing image file. A sample that
+    fails later (an unreadable image, or too long to keep its image tokens whole) is counted as well and
+    replaced by the next usable one, so an epoch never stops on one bad sample. `truncated` counts samples
+    whose text was cut to `max_length`. With dataloader workers, counts after construction stay in the workers
+    (each skip is still logged).
+
+    Raises `ValueError` naming the file when it holds no sample, or no usable one.
+    """
+
+    def __init__(
+        self,
+        data_path: str | os.PathLike,
+        processor: Any,
+        image_folder: str | os.PathLike | None = None,
+        max_length: int | None = None,
+    ):
+        self.data_path, self.processor, self.image_folder, self.max_length = data_path, processor, image_folder, max_length
+        records = load_llava_records(data_path)
+        if not records:
+            raise ValueError(f"{data_path}: the dataset holds no samples")
+        self.skipped: Counter[str] = Counter()
+        self.truncated: set[int] = set()
+        self.samples: list[tuple[list[dict[str, Any]], list[str]]] = []
+        for index, record in enumerate(records):
+            try:
+                self.samples.append(self._scan(record))
+            except SkipSample as skip:
+                self.skipped[skip.reason] += 1
+                logger.warning("%s: skipping sample %d (%s): %s", data_path, index, skip.reason, skip)
+        if not self.samples:
+            raise ValueError(f"{data_path}: none of its {len(records)} samples is usable (skipped: {dict(self.skipped)})")
+        if self.skipped:
+            logger.warning("%s: kept %d samples, skipped %s", data_path, len(self.samples), dict(self.skipped))
+        self._failed: set[int] = set()
+
+    def _scan(self, record: Any) -> tuple[list[dict[str, Any]], list[str]]:
+        """(messages, image paths) of a record, or `SkipSample` for what can be checked without decoding."""
+        if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
+            raise SkipSample("malformed", f"expected {{'conversations': [...]}}, got {str(record)[:200]}")
+        image_token = self.processor.image_token
+        messages = llava_to_messages(record["conversations"], image_token)
+        paths = image_paths(record, self.image_folder)
+        markers = sum(turn["value"].count(image_token) for turn in record["conversations"])
+        placed = sum(item["type"] == "image" for m in messages for item in m["content"])
+        if markers != len(paths) or placed != markers:
+            raise SkipSample(
+                "image_count_mismatch",
+                f"{markers} {image_token} marker(s) ({placed} in user turns) but {len(paths)} image(s) {paths}",
+            )
+        missing = [path for path in paths if not os.path.isfile(path)]
+        if missing:
+            raise SkipSample("missing_image", f"image file(s) not found: {missing}")
+        return messages, paths
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def encode(self, index: int) -> dict[str, Any]:
+        """Sample `index` encoded; raises `SkipSample` when it cannot be used."""
+        messages, paths = self.samples[index]
+        images = []
+        for path in paths:
+            try:
+                with Image.open(path) as image:
+                    images.append(image.convert("RGB"))
+            except (OSError, ValueError) as error:
+                raise SkipSample("unreadable_image", f"cannot read {path}: {error}") from error
+        example = encode_conversation(self.processor, messages, images, self.max_length)
+        if example.pop("truncated"):
+            self.truncated.add(index)
+        return example
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        for offset in range(len(self.samples)):
+            candidate = (index + offset) % len(self.samples)
+            if candidate in self._failed:
+                continue
+            try:
+                return self.encode(candidate)
+            except SkipSample as skip:
+                self._failed.add(candidate)
+                self.skipped[skip.reason] += 1
+                logger.warning("%s: skipping sample %d (%s): %s", self.data_path, candidate, skip.reason, skip)
+        raise RuntimeError(f"{self.data_path}: no usable sample left (skipped: {dict(self.skipped)})")
+
+
+@dataclass
+class TokenPackerCollator:
+    """Pads encoded examples into a batch for `TokenPackerForConditionalGeneration.forward`.
+
+    Returns `input_ids`, `attention_mask`, `labels` `[B, L]` (padding: pad id / 0 / -100, on `padding_side`),
+    and when any example has images `pixel_values [Σtiles, 3, S, S]` and `image_grids [Σimages, 2]` in batch
+    order; text-only examples contribute no tiles.
+    """
+
+    processor: Any
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        if self.padding_side not in ("left", "right"):
+            raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
+        pad_id = self.processor.tokenizer.pad_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (the original uses unk)")
+        length = max(len(example["input_ids"]) for example in examples)
+        if self.pad_to_multiple_of:
+            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = {
+            "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
+            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
+            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
+        }
+        for row, example in enumerate(examples):
+            size = len(example["input_ids"])
+            columns = slice(length - size, length) if self.padding_side == "left" else slice(0, size)
+            batch["input_ids"][row, columns] = torch.as_tensor(example["input_ids"])
+            batch["attention_mask"][row, columns] = 1
+            batch["labels"][row, columns] = torch.as_tensor(example["labels"])
+        with_images = [example for example in examples if "pixel_values" in example]
+        if with_images:
+            batch["pixel_values"] = torch.cat([example["pixel_values"] for example in with_images])
+            batch["image_grids"] = torch.cat([example["image_grids"] for example in with_images])
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Freezing presets
+
+
+def vision_tower_used_modules(tower: nn.Module, config: Any) -> list[nn.Module]:
+    """The tower modules that shape the projector's input: embeddings, CLIP's pre-norm and the encoder layers up
+    to the deepest one read. Deeper layers and the post-norm never run, and would leave DDP waiting for grads."""
+    used = [tower.embeddings, *tower.encoder.layers[: max(config.vision_layers_needed)]]
+    if getattr(tower, "pre_layrnorm", None) is not None:
+        used.append(tower.pre_layrnorm)
+    return used
+
+
+def apply_preset(
+    model: nn.Module,
+    preset: str,
+    *,
+    unfreeze_vision_tower: bool = False,
+    lora_r: int = 64,
+    lora_alpha: int = 16,
+    lora_dropout: float = 0.05,
+    lora_target_modules: str = LORA_TARGET_MODULES,
+) -> nn.Module:
+    """Sets which parameters of a `TokenPackerForConditionalGeneration` train, as in the paper's recipe.
+
+    - `stage1`: the projector only (alignment pre-training).
+    - `stage2`: the projector, the language model and its head (instruction tuning).
+    - `lora`: LoRA (`lora_r`, `lora_alpha`, `lora_dropout`) on the LLM's attention and MLP Linears, the projector
+      trained fully through `modules_to_save`; returns the `PeftModel`.
+
+    The vision tower stays frozen (the model then runs it without autograd, also under gradient checkpointing)
+    unless `unfreeze_vision_tower`, which trains the tower layers that are actually run.
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+    model.requires_grad_(False)
+    base = model.model
+    if preset == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        modules_to_save = ["multi_modal_projector"] + (["vision_tower"] if unfreeze_vision_tower else [])
+        lora_config = LoraConfig(
+            r=lora_r,
+            lora_alpha=lora_alpha,
+            lora_dropout=lora_dropout,
+            target_modules=lora_target_modules,
+            modules_to_save=modules_to_save,
+            task_type="CAUSAL_LM",
+        )
+        model = get_peft_model(model, lora_config)
+        if unfreeze_vision_tower:
+            # modules_to_save copies the whole tower trainable; only the layers that run may need grads.
+            saved_tower = model.base_model.model.model.vision_tower.modules_to_save["default"]
+            saved_tower.requires_grad_(False)
+            for module in vision_tower_used_modules(saved_tower, base.config):
+                module.requires_grad_(True)
+        return model
+    base.multi_modal_projector.requires_grad_(True)
+    if preset == "stage2":
+        base.language_model.requires_grad_(True)
+        model.lm_head.requires_grad_(True)
+    if unfreeze_vision_tower:
+        for module in vision_tower_used_modules(base.vision_tower, base.config):
+            module.requires_grad_(True)
+    return model
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Hub
+
+
+def _usage_snippet(repo_id: str, adapter_base: str | None) -> str:
+    if adapter_base is None:
+        load = (
+            f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True, '
+            "dtype=torch.bfloat16)"
+        )
+    else:
+        load = (
+            f'base = AutoModelForImageTextToText.from_pretrained("{adapter_base}", trust_remote_code=True, '
+            "dtype=torch.bfloat16)\n"
+            f'model = PeftModel.from_pretrained(base, "{repo_id}")  # or .merge_and_unload() for a plain model'
+        )
+    peft_import = "from peft import PeftModel\n" if adapter_base is not None else ""
+    return (
+        "```python\nimport torch\nfrom PIL import Image\n" + peft_import
+        + "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+        + load + "\n"
+        + f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        + 'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]\n'
+        + "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
+        + 'inputs = processor(images=[Image.open("image.jpg")], text=prompt, return_tensors="pt")\n'
+        + "output = model.generate(**inputs, max_new_tokens=64)\n"
+        + 'print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])\n```'
+    )
+
+
+def token_budget(config: Any, image_processor: Any) -> str:
+    """One line on how many LLM tokens an image costs with this config and image processor."""
+    tokens = config.num_image_tokens
+    patches = config.patch_grid_size**2
+    line = (
+        f"{tokens} tokens per {config.vision_config.image_size} px tile (the tower's {patches} patches packed by "
+        f"scale factor {config.scale_factor})"
+    )
+    if getattr(image_processor, "image_mode", None) == "slice":
+        most = (image_processor.max_slices + 1) * (tokens + 1)
+        line += (
+            f"; slice mode (TokenPacker-HD, up to {image_processor.max_slices} tiles plus a thumbnail, each followed "
+            f"by a separator): at most {most} positions per image"
+        )
+    return line
+
+
+def model_card(
+    config: Any,
+    repo_id: str,
+    *,
+    image_processor: Any = None,
+    base_models: list[str] | tuple[str, ...] = (),
+    adapter_base: str | None = None,
+    datasets: list[str] | tuple[str, ...] = (),
+    description: str = "",
+) -> ModelCard:
+    """A Hub model card for a TokenPacker model (or, with `adapter_base`, a PEFT adapter on that base model).
+
+    Metadata: `pipeline_tag: image-text-to-text`, `library_name` (`transformers` or `peft`), `base_model`,
+    tags (`tokenpacker`, `custom_code`, `lora`). Body: the token budget and a usage snippet.
+    """
+    bases = list(base_models) or ([adapter_base] if adapter_base else [])
+    tags = ["tokenpacker", "image-text-to-text", "custom_code"] + (["lora", "peft"] if adapter_base else [])
+    data = ModelCardData(
+        library_name="peft" if adapter_base else "transformers",
+        pipeline_tag="image-text-to-text",
+        base_model=bases or None,
+        datasets=list(datasets) or None,
+        tags=tags,
+    )
+    kind = f"LoRA adapter for [{adapter_base}](https://huggingface.co/{adapter_base})" if adapter_base else "model"
+    body = [
+        f"# {repo_id.split('/')[-1]}",
+        "",
+        f"A TokenPacker ([arXiv 2407.02392](https://arxiv.org/abs/2407.02392)) {kind}: a "
+        f"{config.vision_config.model_type} vision tower, the `{config.projector_type}` projector and a "
+        f"{config.text_config.model_type} language model. {description}".rstrip(),
+        "",
+        f"**Token budget:** {token_budget(config, image_processor)}.",
+        "",
+        "**Base models:** " + (", ".join(f"[{b}](https://huggingface.co/{b})" for b in bases) if bases else "none"),
+        "",
+        "## Usage",
+        "",
+        "The modelling code ships with the checkpoint; load it with `trust_remote_code=True`.",
+        "",
+        _usage_snippet(repo_id, adapter_base),
+        "",
+    ]
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
+
+
+def push_to_hub(
+    model: nn.Module,
+    processor: Any,
+    repo_id: str,
+    *,
+    base_models: list[str] | tuple[str, ...] = (),
+    adapter_base: str | None = None,
+    datasets: list[str] | tuple[str, ...] = (),
+    description: str = "",
+    private: bool | None = None,
+    token: str | None = None,
+) -> ModelCard:
+    """Pushes a model (or a `PeftModel`'s adapter, with `adapter_base` naming its base repo), its processor and
+    a [`model_card`] to `repo_id`; returns the card. The card goes last since both pushes write a README."""
+    model.push_to_hub(repo_id, private=private, token=token)
+    processor.push_to_hub(repo_id, private=private, token=token)
+    config = model.get_base_model().config if adapter_base else model.config
+    card = model_card(
+        config,
+        repo_id,
+        image_processor=processor.image_processor,
+        base_models=base_models,
+        adapter_base=adapter_base,
+        datasets=datasets,
+        description=description,
+    )
+    card.push_to_hub(repo_id, token=token)
+    return card
