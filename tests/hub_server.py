@@ -83,11 +83,9 @@ class HubStore:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def create_repo(self, repo_id: str) -> Repo:
-        """Creates `repo_id` with one empty initial commit, or returns it if it exists (`exist_ok` is the client's
-        business: the real Hub answers 409 and the client decides, but no test here needs that)."""
-        if repo_id not in self.repos:
-            initial = Commit(hashlib.sha1(f"initial commit of {repo_id}".encode()).hexdigest(), {})
-            self.repos[repo_id] = Repo([initial])
+        """Creates `repo_id` with one empty initial commit (the real Hub's first commit adds .gitattributes)."""
+        initial = Commit(hashlib.sha1(f"initial commit of {repo_id}".encode()).hexdigest(), {})
+        self.repos[repo_id] = Repo([initial])
         return self.repos[repo_id]
 
 
@@ -105,16 +103,17 @@ _REV = r"(?P<rev>[^/]+)"  # refs like "refs/pr/1" arrive %-quoted, so a revision
 
 
 @dataclass
-class FileReply:
-    """A route's answer that is a file rather than JSON."""
+class Reply:
+    """A route's answer when it is not a plain 200 with a JSON body: a file, or a non-error status."""
 
-    data: bytes
-    headers: dict[str, str]
+    status: int
+    body: bytes | dict | list
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class HubHandler(BaseHTTPRequestHandler):
     """Answers one request against `self.server.store`. `ROUTES` maps (method, path regex) to a route method,
-    which returns the JSON body (or a `FileReply`) or raises `HubError`."""
+    which returns the JSON body (or a `Reply`) or raises `HubError`."""
 
     protocol_version = "HTTP/1.1"  # keep-alive, as httpx expects; every answer therefore carries Content-Length
     server: LocalHubServer
@@ -165,8 +164,8 @@ class HubHandler(BaseHTTPRequestHandler):
         except HubError as error:
             self._send(error.status, {"error": str(error)}, {"X-Error-Code": error.error_code, **error.headers})
             return
-        if isinstance(reply, FileReply):
-            self._send(200, reply.data, reply.headers)
+        if isinstance(reply, Reply):
+            self._send(reply.status, reply.body, reply.headers)
         else:
             self._send(200, reply)
 
@@ -200,9 +199,12 @@ class HubHandler(BaseHTTPRequestHandler):
 
     # ---- routes -----------------------------------------------------------------------------------------------
 
-    def create_repo(self) -> dict:
+    def create_repo(self) -> dict | Reply:
         request = json.loads(self.body or b"{}")
         repo_id = f"{request.get('organization') or DEFAULT_NAMESPACE}/{request['name']}"
+        if repo_id in self.server.store.repos:
+            # As on the Hub: 409 plus the url, which `create_repo(exist_ok=True)` (used by push_to_hub) accepts.
+            return Reply(409, {"error": "You already created this model repo", "url": self._url(repo_id)})
         self.server.store.create_repo(repo_id)
         return {"url": self._url(repo_id), "name": repo_id, "id": repo_id}
 
@@ -267,15 +269,16 @@ class HubHandler(BaseHTTPRequestHandler):
             raise HubError(404, "EntryNotFound", f"{path} does not exist in {repo}@{rev}")
         return list(entries.values())
 
-    def download(self, repo: str, rev: str, path: str) -> FileReply:
+    def download(self, repo: str, rev: str, path: str) -> Reply:
         """Serves a file with the headers `hf_hub_download` needs to place it in the cache."""
         commit = self._commit(repo, rev)
         if path not in commit.files:
             raise HubError(404, "EntryNotFound", f"{path} does not exist in {repo}@{rev}",
                            {"X-Repo-Commit": commit.sha})
         data = commit.files[path]
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(data)}"', "Content-Type": "application/octet-stream"}
-        return FileReply(data, headers)
+        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(data)}"',
+                   "Content-Type": "application/octet-stream"}
+        return Reply(200, data, headers)
 
 
 class LocalHubServer(ThreadingHTTPServer):

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import HfApi, hf_hub_download, snapshot_download
-from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from hub_server import DUMMY_TOKEN, LocalHub, hub_env, point_clients_at
@@ -72,6 +72,15 @@ def test_missing_file_and_missing_repo_raise_the_hub_errors(hub, folder, tmp_pat
     with pytest.raises(RevisionNotFoundError):
         hf_hub_download(REPO, "config.json", revision="f" * 40, cache_dir=tmp_path, endpoint=hub.url,
                         token=DUMMY_TOKEN)
+
+
+def test_create_repo_conflicts_unless_exist_ok(hub):
+    api = HfApi(endpoint=hub.url, token=DUMMY_TOKEN)
+    assert api.create_repo("tiny").repo_id == "user/tiny"  # no namespace: the token's user, here "user"
+    with pytest.raises(HfHubHTTPError) as conflict:
+        api.create_repo("user/tiny")
+    assert conflict.value.response.status_code == 409
+    assert api.create_repo("user/tiny", exist_ok=True).repo_id == "user/tiny"
 
 
 def test_commits_keep_history_and_tree_listing_follows_them(hub, folder, tmp_path):
