@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import HfApi, ModelCard, ModelCardData
 from PIL import Image
 from torch import nn
 
@@ -503,5 +503,9 @@ def push_to_hub(
         datasets=datasets,
         description=description,
     )
-    card.push_to_hub(repo_id, token=token)
+    # A fresh HfApi, like the uploads above, rather than `card.push_to_hub`, whose module-level client keeps the
+    # endpoint it was imported with.
+    HfApi(token=token).upload_file(
+        path_or_fileobj=str(card).encode(), path_in_repo="README.md", repo_id=repo_id, commit_message="Add model card"
+    )
     return card
