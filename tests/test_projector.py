@@ -14,6 +14,7 @@ from reference.original_tokenpacker import (
     OriginalTokenPacker,
     original_feature_select,
     original_multimodal_forward,
+    random_init_,
 )
 from tiny import tiny_config, vision_config
 from tokenpacker_hf.configuration_tokenpacker import TokenPackerConfig
@@ -66,26 +67,9 @@ def clip_large_config(scale_factor: int, text_width: int = 256) -> TokenPackerCo
     )
 
 
-def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-trivial random weights so that nothing cancels: matrices N(0, 1/fan_in) (unit-gain, so softmax scores
-    are O(1) rather than saturated or uniform), every bias (incl. MHA in/out biases) N(0, 0.2), LayerNorm
-    weights N(1, 0.2)."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in module.named_parameters():
-            noise = torch.randn(param.shape, generator=generator)
-            if param.dim() >= 2:
-                param.copy_(noise / param.shape[-1] ** 0.5)
-            elif "ln_" in name or "norm" in name:
-                param.copy_(1 + 0.2 * noise)
-            else:
-                param.copy_(0.2 * noise)
-    return module
-
-
 def oracle_for(config: TokenPackerConfig, seed: int = 0) -> OriginalTokenPacker:
     """A randomly initialised `OriginalTokenPacker` with the shapes of `config`."""
-    return randomize_(
+    return random_init_(
         OriginalTokenPacker(
             raw_grid=config.patch_grid_size,
             embed_dim=config.projector_hidden_size,
@@ -230,7 +214,7 @@ def perturb_each_patch(tensor: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize("grid, scale_factor", [(12, 1), (12, 2), (12, 3), (12, 4), (6, 3)])
 def test_region_feature_changes_exactly_its_own_token(grid, scale_factor):
     config = make_config(grid=grid, scale_factor=scale_factor)
-    projector = randomize_(TokenPackerProjector(config)).eval()
+    projector = random_init_(TokenPackerProjector(config)).eval()
     query, region = features(config, batch=1)
     coarse = grid // scale_factor
     with torch.no_grad():
@@ -251,7 +235,7 @@ def bilinear_support(scale_factor: int) -> set[int]:
 def test_query_feature_outside_bilinear_support_changes_nothing(scale_factor):
     grid = 12
     config = make_config(grid=grid, scale_factor=scale_factor)
-    projector = randomize_(TokenPackerProjector(config)).eval()
+    projector = random_init_(TokenPackerProjector(config)).eval()
     query, region = features(config, batch=1)
     coarse, support = grid // scale_factor, bilinear_support(scale_factor)
     with torch.no_grad():
@@ -350,7 +334,7 @@ def test_divide_feature_of_the_oracle_matches_spec_index_formula():
 @pytest.mark.parametrize("scale_factor", [2, 3])
 def test_avg_pool_baseline_is_avg_pool2d_then_mlp(scale_factor):
     config = make_config(grid=12, scale_factor=scale_factor, projector_type="avg_pool")
-    projector = randomize_(build_projector(config))
+    projector = random_init_(build_projector(config))
     query, _ = features(config, batch=2)
     grid = query.reshape(2, 12, 12, -1).permute(0, 3, 1, 2)
     pooled = F.avg_pool2d(grid, scale_factor).flatten(2).transpose(1, 2)
@@ -361,7 +345,7 @@ def test_avg_pool_baseline_is_avg_pool2d_then_mlp(scale_factor):
 @pytest.mark.parametrize("scale_factor", [2, 4])
 def test_pixel_shuffle_baseline_is_block_concatenation_then_mlp(scale_factor):
     config = make_config(grid=12, scale_factor=scale_factor, projector_type="pixel_shuffle")
-    projector = randomize_(build_projector(config))
+    projector = random_init_(build_projector(config))
     query, _ = features(config, batch=2)
     s, coarse, grid = scale_factor, 12 // scale_factor, as_grid(query, 12)
     gathered = torch.stack([
@@ -377,7 +361,7 @@ def test_pixel_shuffle_baseline_is_block_concatenation_then_mlp(scale_factor):
 
 def test_mlp_baseline_maps_every_patch():
     config = make_config(grid=4, projector_type="mlp")
-    projector = randomize_(build_projector(config))
+    projector = random_init_(build_projector(config))
     query, region = features(config, batch=2)
     with torch.no_grad():
         out = projector(query, region)
@@ -390,7 +374,7 @@ def test_mlp_baseline_maps_every_patch():
 @pytest.mark.parametrize("scale_factor", [2, 3])
 def test_bf16_projector_close_to_fp32(scale_factor):
     config = make_config(grid=12, scale_factor=scale_factor)
-    projector = randomize_(TokenPackerProjector(config)).eval()
+    projector = random_init_(TokenPackerProjector(config)).eval()
     query, region = features(config, batch=2)
     with torch.no_grad():
         reference = projector(query, region)
@@ -416,7 +400,7 @@ def test_bf16_matches_original_formulation_loosely():
 def test_torch_compile_gives_same_outputs(attn_implementation):
     config = make_config(grid=12, scale_factor=3)
     config._attn_implementation = attn_implementation
-    projector = randomize_(TokenPackerProjector(config)).eval()
+    projector = random_init_(TokenPackerProjector(config)).eval()
     query, region = features(config, batch=2)
     torch._dynamo.reset()
     compiled = torch.compile(projector, backend="aot_eager", fullgraph=True)
@@ -428,7 +412,7 @@ def test_torch_compile_gives_same_outputs(attn_implementation):
 def test_gradient_reaches_every_parameter(attn_implementation):
     config = make_config(grid=12, scale_factor=2)
     config._attn_implementation = attn_implementation
-    projector = randomize_(TokenPackerProjector(config)).train()
+    projector = random_init_(TokenPackerProjector(config)).train()
     query, region = features(config, batch=2)
     query.requires_grad_(True)
     region.requires_grad_(True)

@@ -10,6 +10,7 @@ state dict (spec §2.1, prefix `model.mm_projector.` stripped) loads into `Origi
 Contents:
 - `OriginalTokenPacker`: the projector, sequence-first `nn.MultiheadAttention` over `divide_feature` groups.
 - `original_feature_select`: the CLIP tower's `feature_select` (query layer + channel-concatenated levels).
+- `random_init_`: non-trivial random weights for parity checks.
 - `original_multimodal_forward`: LLaVA-1.5-era `prepare_inputs_labels_for_multimodal` (-200 splice, pad and
   slice layouts) followed by a causal LM forward, for one sample.
 """
@@ -124,6 +125,26 @@ class OriginalTokenPacker(nn.Module):
         out = self.clip_attn(query, key, value)[0]  # [1, G²·N, E]
         out = out.reshape(self.num_queries, N, -1).permute(1, 0, 2)
         return self.mlp(out)
+
+
+def random_init_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Re-initialises every parameter with non-trivial random values for parity checks (in place).
+
+    Matrices N(0, 1/fan_in) (unit gain, so attention scores are O(1): neither saturated nor uniform), every
+    bias incl. the MHA in/out-projection biases N(0, 0.2), LayerNorm weights N(1, 0.2). The original's own init
+    (zero biases, unit LayerNorms, std 0.02) would let errors in bias or LayerNorm handling go unnoticed.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in module.named_parameters():
+            noise = torch.randn(param.shape, generator=generator)
+            if param.dim() >= 2:
+                param.copy_(noise / param.shape[-1] ** 0.5)
+            elif "ln_" in name or "norm" in name:
+                param.copy_(1 + 0.2 * noise)
+            else:
+                param.copy_(0.2 * noise)
+    return module
 
 
 def original_feature_select(
