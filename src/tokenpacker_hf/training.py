@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +55,9 @@ def llava_to_messages(conversations: list[dict[str, str]], image_token: str = "<
     messages = []
     for turn in conversations:
         if not isinstance(turn, dict) or turn.get("from") not in LLAVA_ROLES or not isinstance(turn.get("value"), str):
-            raise SkipSample("malformed", f"expected turns {{'from': one of {sorted(LLAVA_ROLES)}, 'value': str}}, "
-                             f"got {turn!r}")
+            raise SkipSample(
+                "malformed", f"expected turns {{'from': one of {sorted(LLAVA_ROLES)}, 'value': str}}, got {turn!r}"
+            )
         role, value = LLAVA_ROLES[turn["from"]], turn["value"]
         if role == "assistant" and not any(m["role"] == "user" for m in messages):
             continue
@@ -80,6 +80,7 @@ def supervised_char_spans(processor: Any, messages: list[dict[str, Any]]) -> tup
     Rendered turn by turn: for assistant message k the span runs from the end of `messages[:k]` + generation
     prompt to the end of `messages[:k+1]`. This needs a prefix-stable chat template, which is checked.
     """
+
     def render(prefix: list[dict[str, Any]], generation_prompt: bool = False) -> str:
         return processor.apply_chat_template(prefix, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -98,9 +99,7 @@ def supervised_char_spans(processor: Any, messages: list[dict[str, Any]]) -> tup
     return text, spans
 
 
-def token_labels(
-    input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]
-) -> list[int]:
+def token_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
     """Per token, its id if its characters overlap a supervised span, else -100 (special tokens added by the
     tokenizer, such as BOS, have empty offsets and are never supervised)."""
     labels = []
@@ -108,6 +107,21 @@ def token_labels(
         inside = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return labels
+
+
+def expand_image_labels(
+    processor: Any, input_ids: list[int], labels: list[int], grids: list[tuple[int, int]]
+) -> tuple[list[int], int]:
+    """Labels of the tokenised text -> labels of the processor's sequence, where each `<image>` id became its
+    token layout (all -100). Also returns where the last image's tokens end (0 without images)."""
+    expanded, image_end, grid_iter, image_token_id = [], 0, iter(grids), processor.image_token_id
+    for token_id, label in zip(input_ids, labels):
+        if token_id == image_token_id:
+            expanded += [IGNORE_INDEX] * len(processor.image_token_layout(next(grid_iter)))
+            image_end = len(expanded)
+        else:
+            expanded.append(label)
+    return expanded, image_end
 
 
 def encode_conversation(
@@ -121,20 +135,16 @@ def encode_conversation(
     skipped (`SkipSample`) if that would cut an image's tokens or leave no answer token.
     """
     tokenizer = processor.tokenizer
+    if not tokenizer.is_fast:
+        raise ValueError(f"label masking needs character offsets, i.e. a fast tokenizer; got {type(tokenizer).__name__}")
     text, spans = supervised_char_spans(processor, messages)
     encoded = tokenizer(text, return_offsets_mapping=True)
     labels = token_labels(encoded["input_ids"], encoded["offset_mapping"], spans)
 
     features = processor(images=images or None, text=text, return_tensors="pt")
     input_ids = features["input_ids"][0]
-    grids = features["image_grids"].tolist() if images else []
-    expanded, image_end, image_token_id, grid_iter = [], 0, processor.image_token_id, iter(grids)
-    for token_id, label in zip(encoded["input_ids"], labels):
-        if token_id == image_token_id:
-            expanded += [IGNORE_INDEX] * len(processor.image_token_layout(tuple(next(grid_iter))))
-            image_end = len(expanded)
-        else:
-            expanded.append(label)
+    grids = [tuple(grid) for grid in features["image_grids"].tolist()] if images else []
+    expanded, image_end = expand_image_labels(processor, encoded["input_ids"], labels, grids)
     if len(expanded) != len(input_ids):
         raise RuntimeError(
             f"labels ({len(expanded)}) and the processor's input_ids ({len(input_ids)}) disagree in length; the "
@@ -207,7 +217,8 @@ class LlavaDataset(torch.utils.data.Dataset):
         image_folder: str | os.PathLike | None = None,
         max_length: int | None = None,
     ):
-        self.data_path, self.processor, self.image_folder, self.max_length = data_path, processor, image_folder, max_length
+        self.data_path, self.processor = data_path, processor
+        self.image_folder, self.max_length = image_folder, max_length
         records = load_llava_records(data_path)
         if not records:
             raise ValueError(f"{data_path}: the dataset holds no samples")
@@ -221,7 +232,9 @@ class LlavaDataset(torch.utils.data.Dataset):
                 self.skipped[skip.reason] += 1
                 logger.warning("%s: skipping sample %d (%s): %s", data_path, index, skip.reason, skip)
         if not self.samples:
-            raise ValueError(f"{data_path}: none of its {len(records)} samples is usable (skipped: {dict(self.skipped)})")
+            raise ValueError(
+                f"{data_path}: none of its {len(records)} samples is usable (skipped: {dict(self.skipped)})"
+            )
         if self.skipped:
             logger.warning("%s: kept %d samples, skipped %s", data_path, len(self.samples), dict(self.skipped))
         self._failed: set[int] = set()
@@ -406,7 +419,8 @@ def _usage_snippet(repo_id: str, adapter_base: str | None) -> str:
         + "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
         + load + "\n"
         + f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
-        + 'messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe the image."}]}]\n'
+        + 'messages = [{"role": "user", "content": [{"type": "image"},\n'
+        + '                                          {"type": "text", "text": "Describe the image."}]}]\n'
         + "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
         + 'inputs = processor(images=[Image.open("image.jpg")], text=prompt, return_tensors="pt")\n'
         + "output = model.generate(**inputs, max_new_tokens=64)\n"
