@@ -426,7 +426,6 @@ def test_gradient_reaches_every_parameter(attn_implementation):
 # --- bad inputs -----------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="TokenPackerProjector.forward does not validate input shapes yet (see report)")
 @pytest.mark.parametrize(
     "query_shape, region_shape, numbers",
     [

@@ -29,6 +29,16 @@ def downsample_point_queries(features: torch.Tensor, grid_size: int, scale_facto
     return grid.permute(0, 2, 3, 1).reshape(batch, coarse * coarse, channels).to(features.dtype)
 
 
+def check_patch_features(features: torch.Tensor, grid_size: int, width: int, name: str) -> None:
+    """Raises a ValueError naming the expected `[B, G*G, width]` and the shape found, instead of a reshape
+    error deep inside the projector."""
+    if features.dim() != 3 or features.shape[1] != grid_size * grid_size or features.shape[2] != width:
+        raise ValueError(
+            f"{name}: expected [batch, {grid_size * grid_size} patches ({grid_size}x{grid_size} grid), {width} "
+            f"channels], got {list(features.shape)}"
+        )
+
+
 def group_regions(features: torch.Tensor, grid_size: int, scale_factor: int) -> torch.Tensor:
     """Gathers each coarse cell's s×s block of patches, so a region's keys sit side by side.
 
@@ -141,6 +151,7 @@ class TokenPackerProjector(nn.Module):
         region_width = vision_width * len(config.region_feature_layers)
         self.grid_size = config.patch_grid_size
         self.scale_factor = config.scale_factor
+        self.vision_width, self.region_width = vision_width, region_width
         self.point_query_proj = nn.Linear(vision_width, width, bias=False)
         self.point_query_norm = nn.LayerNorm(width, eps=eps)
         self.region_key_proj = TokenPackerMLP(region_width, width, width, act)
@@ -158,8 +169,10 @@ class TokenPackerProjector(nn.Module):
         Returns:
             `[B, (G/s)², D_text]`.
         """
-        batch = query_features.shape[0]
         grid, s = self.grid_size, self.scale_factor
+        check_patch_features(query_features, grid, self.vision_width, "query_features")
+        check_patch_features(region_features, grid, self.region_width, "region_features")
+        batch = query_features.shape[0]
         point_queries = downsample_point_queries(query_features, grid, s)
         point_queries = self.point_query_norm(self.point_query_proj(point_queries))
         region_keys = self.region_key_norm(self.region_key_proj(region_features))
