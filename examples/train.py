@@ -10,7 +10,7 @@ Several processes, unchanged (DDP; add a DeepSpeed or FSDP config from examples/
     torchrun --nproc_per_node 8 examples/train.py ... --deepspeed examples/configs/zero2.json
     accelerate launch --config_file examples/configs/fsdp.yaml examples/train.py ...
 
-Presets (../shared/docs/tokenpacker-spec.md §5): `stage1` trains the projector only (the paper used lr 1e-3),
+Presets (the paper's two-stage recipe): `stage1` trains the projector only (the paper used lr 1e-3),
 `stage2` the projector and the LLM (lr 2e-5), `lora` LoRA adapters on the LLM plus the full projector. The vision
 tower stays frozen unless `--unfreeze_vision_tower`. Defaults follow the paper's recipe: activation checkpointing,
 bf16 where the GPU supports it, cosine schedule, 3 % warm-up, no weight decay, 1 epoch.

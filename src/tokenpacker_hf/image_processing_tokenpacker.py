@@ -3,7 +3,7 @@
 `slice` path (dynamic grid, top-left padded canvas, row-major tiles and a global thumbnail).
 
 Everything here follows the original code (CircleRadon/TokenPacker, `llava/patch_divide.py` and the `slice`
-branch of its data loaders); see `../shared/docs/tokenpacker-spec.md` §3 and §4.4.
+branch of its data loaders).
 """
 
 import io
@@ -387,7 +387,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         if rows * cols == 1:
             return tiles
         # The original resizes the padded canvas (not the image) into the image's thumbnail box: the global view
-        # carries the padding band squashed into the image's aspect ratio (spec §3.4).
+        # carries the padding band squashed into the image's aspect ratio, as in the original.
         source = canvas if thumbnail_from == "canvas" else pixels
         thumbnail = canvas.new_zeros(1, 3, tile_size, tile_size)
         thumbnail[:, :, : thumbnail_size[0], : thumbnail_size[1]] = F.interpolate(

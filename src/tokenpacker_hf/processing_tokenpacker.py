@@ -2,9 +2,9 @@
 """Processor of TokenPacker: images and prompts in, the exact token layout of the original models out.
 
 Each `<image>` in a prompt is expanded at the id level (never by string replacement, so separators cannot merge
-with neighbouring text) into the layout the original TokenPacker / TokenPacker-HD models were trained with
-(`../shared/docs/tokenpacker-spec.md` §3.5): T image ids in pad/square mode; in slice mode, per grid row the
-row's tiles joined by the tile separator and closed by the row separator, then the thumbnail and a row separator.
+with neighbouring text) into the layout the original TokenPacker / TokenPacker-HD models were trained with:
+T image ids in pad/square mode; in slice mode, per grid row the row's tiles joined by the tile separator and
+closed by the row separator, then the thumbnail and a row separator.
 """
 
 from typing import Any
@@ -148,7 +148,7 @@ class TokenPackerProcessor(ProcessorMixin):
         return self.image_processor.image_mode
 
     def image_token_layout(self, grid: tuple[int, int], image_mode: str | None = None) -> list[int]:
-        """Ids replacing one `<image>` with tile grid (rows, cols), spec §3.5.
+        """Ids replacing one `<image>` with tile grid (rows, cols), in the original's layout.
 
         Pad/square: T image ids. Slice: for each row `F , F , ... F \\n`, then if rows·cols > 1 the thumbnail
         `F \\n`, where F is a run of T image ids, `,` the tile separator id and `\\n` the row separator id.

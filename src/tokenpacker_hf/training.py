@@ -1,9 +1,9 @@
 # Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
 """Finetuning TokenPacker with `transformers.Trainer`: a LLaVA-format dataset, a padding collator, the freezing
-presets of the original two-stage recipe (`../shared/docs/tokenpacker-spec.md` §5) plus LoRA, and a model card for
+presets of the original two-stage recipe (paper §4, after LLaVA-1.5) plus LoRA, and a model card for
 `push_to_hub`.
 
-Labels follow the original `preprocess_v1` (spec §4.3): only what the model has to generate after each
+Labels follow the original `preprocess_v1`: only what the model has to generate after each
 `ASSISTANT:` generation prompt (the answer and its `</s>`) is supervised; the system prompt, user turns and every
 image position are -100.
 """
