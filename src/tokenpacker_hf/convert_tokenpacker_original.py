@@ -1,9 +1,50 @@
 # Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
-"""Convert the authors' LLaVA-format TokenPacker checkpoints (spec §2) into this package's layout."""
+"""Convert the authors' LLaVA-format TokenPacker checkpoints (spec §2) into this package's layout.
 
+`convert_original_checkpoint(src, dst)` turns a released folder (`sunshine-lwt/TokenPacker-*`: a
+`LlavaLlamaForCausalLM` saved by the authors' fork of LLaVA-1.5) into a folder that loads anywhere with
+`AutoModelForImageTextToText.from_pretrained(dst, trust_remote_code=True)`:
+
+1. read the original `config.json` as plain JSON (its `model_type` "llava" collides with transformers' LLaVA) and
+   resolve the scale factor, image mode and slice limit the original code reads from it or from the repo name;
+2. plan the conversion from the shard headers alone: every original key is renamed on a meta tensor and checked
+   against a meta-device `TokenPackerForConditionalGeneration`, so missing, unexpected or mis-shaped weights fail
+   before anything is read or written;
+3. stream the shards one by one (read, rename, split the attention in-projection, pad the vocabulary for
+   `<image>`, cast, write one safetensors shard), so peak memory stays near the largest input shard;
+4. write config (with `auto_map`), remote code, generation config, processor, tokenizer and a model card into a
+   temporary folder next to `dst`, renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
 import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Mapping
+from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+IMAGE_TOKEN = "<image>"
+
+# The original's `feature_select` hard-codes its key/value levels (spec §1.1) and `TokenPacker` its head width
+# (`num_heads = 1024 // 128`, spec §1.7); OpenAI's CLIP towers all use 64-wide heads.
+ORIGINAL_REGION_LAYERS = [12, 16, 22, 23]
+ORIGINAL_HEAD_DIM = 128
+CLIP_HEAD_DIM = 64
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, image_size=336, patch_size=14)
+
+# Token budget in the released repo names (spec §2.4) -> scale factor.
+_NAME_SCALE_FACTORS = {144: 2, 64: 3, 36: 4}
+_IMAGE_MODES = {"pad": "pad", "slice": "slice", "square": "square"}
 
 # Original projector sub-keys (`builder.py`, class TokenPacker) -> this package's TokenPackerProjector.
 _PROJECTOR_RENAMES = {
@@ -21,7 +62,7 @@ _PROJECTOR_RENAMES = {
 }
 _IN_PROJ = re.compile(r"^clip_attn\.in_proj_(weight|bias)$")
 
-# Full-checkpoint prefixes, most specific first.
+# Full-checkpoint prefixes, most specific first. transformers 5 stores CLIPVisionModel without `vision_model.`.
 _PREFIX_RENAMES = (
     ("model.mm_projector.", "model.multi_modal_projector."),
     ("model.vision_tower.vision_tower.vision_model.", "model.vision_tower."),
@@ -29,6 +70,19 @@ _PREFIX_RENAMES = (
     ("lm_head.", "lm_head."),
 )
 _DROPPED = re.compile(r"rotary_emb\.inv_freq$|vision_tower\..*position_ids$")
+_ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+# Keys of a CLIPModel / CLIPVisionModel folder that are not the vision transformer.
+_TOWER_SKIPPED = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$)|position_ids$")
+
+
+class ConversionError(ValueError):
+    """The source is not a convertible TokenPacker checkpoint; the message says what was expected and found."""
+
+
+def _listing(keys: Iterable[str], limit: int = 12) -> str:
+    keys = sorted(keys)
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys) - limit} more)" if len(keys) > limit else "")
 
 
 def convert_original_projector_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -37,7 +91,7 @@ def convert_original_projector_state_dict(state_dict: dict[str, torch.Tensor]) -
     `nn.MultiheadAttention`'s stacked `in_proj_weight [3E, E]` / `in_proj_bias [3E]` is split into the
     `q_proj`, `k_proj`, `v_proj` thirds, in that order (spec §1.5).
     """
-    converted = {}
+    converted, unexpected = {}, []
     for key, tensor in state_dict.items():
         in_proj = _IN_PROJ.match(key)
         if in_proj:
@@ -49,8 +103,12 @@ def convert_original_projector_state_dict(state_dict: dict[str, torch.Tensor]) -
                 converted[new + key[len(old) :]] = tensor
                 break
         else:
-            raise KeyError(f"unexpected TokenPacker projector key {key!r}; expected one of "
-                           f"{sorted(_PROJECTOR_RENAMES) + ['clip_attn.in_proj_weight', 'clip_attn.in_proj_bias']}")
+            unexpected.append(key)
+    if unexpected:
+        raise ConversionError(
+            f"unexpected TokenPacker projector keys: {_listing(unexpected)}; expected keys under "
+            f"{sorted(_PROJECTOR_RENAMES) + ['clip_attn.in_proj_weight', 'clip_attn.in_proj_bias']}"
+        )
     return converted
 
 
@@ -60,8 +118,9 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     `model.mm_projector.*` -> `model.multi_modal_projector.*` (in-projection split), the CLIP tower
     `model.vision_tower.vision_tower.vision_model.*` -> `model.vision_tower.*`, the rest of `model.*` ->
     `model.language_model.*`, `lm_head.*` unchanged; Llama's persistent `rotary_emb.inv_freq` buffers dropped.
+    Works on any subset of the keys (one shard at a time), and on meta tensors.
     """
-    projector, converted = {}, {}
+    projector, converted, unexpected = {}, {}, []
     for key, tensor in state_dict.items():
         if _DROPPED.search(key):
             continue
@@ -69,11 +128,546 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
             if key.startswith(old):
                 break
         else:
-            raise KeyError(f"unexpected checkpoint key {key!r}; expected a key under {[p for p, _ in _PREFIX_RENAMES]}")
+            unexpected.append(key)
+            continue
         if old == "model.mm_projector.":
             projector[key[len(old) :]] = tensor
         else:
             converted[new + key[len(old) :]] = tensor
+    if unexpected:
+        raise ConversionError(
+            f"unexpected checkpoint keys: {_listing(unexpected)}; expected keys under "
+            f"{[prefix for prefix, _ in _PREFIX_RENAMES]}"
+        )
     for key, tensor in convert_original_projector_state_dict(projector).items():
         converted["model.multi_modal_projector." + key] = tensor
     return converted
+
+
+def convert_vision_tower_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A CLIPModel or CLIPVisionModel checkpoint (with or without the `vision_model.` prefix) -> the keys of
+    `model.vision_tower`; the text tower, projections and `position_ids` buffers are dropped."""
+    converted = {}
+    for key, tensor in state_dict.items():
+        if _TOWER_SKIPPED.search(key):
+            continue
+        converted["model.vision_tower." + key.removeprefix("vision_model.")] = tensor
+    return converted
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
+    """A local folder, or a Hub repo downloaded with huggingface_hub (configs, tokenizer, and one weight format:
+    safetensors when the repo has them, else the `.bin` shards)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    name = str(name_or_path)
+    if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
+        raise FileNotFoundError(f"{what} {name!r} is neither a folder nor a Hugging Face Hub repo id (owner/name)")
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files = HfApi().list_repo_files(name)
+        weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) else [
+            "*.bin", "*.bin.index.json"]  # fmt: skip
+        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", *weights]))
+    except Exception as error:  # offline, unknown repo, gated, ...: one clear message
+        raise FileNotFoundError(f"{what} {name!r} is not a local folder and could not be downloaded: {error}") from error
+
+
+def find_weight_files(folder: Path) -> list[Path]:
+    """The weight shards of a checkpoint folder, in index order: a safetensors index or file, else a `.bin`
+    index or `pytorch_model.bin`."""
+    for index_name, single in (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    ):
+        index = folder / index_name
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = list(dict.fromkeys(weight_map.values()))
+            missing = [name for name in shards if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{index} lists shards that are not in {folder}: {missing}")
+            return [folder / name for name in shards]
+        if (folder / single).is_file():
+            return [folder / single]
+    raise FileNotFoundError(
+        f"no weights in {folder}: expected model.safetensors(.index.json) or pytorch_model.bin(.index.json), found "
+        f"{sorted(p.name for p in folder.iterdir())}"
+    )
+
+
+def load_shard(path: Path) -> dict[str, torch.Tensor]:
+    """All tensors of one shard. `.bin` files go through `torch.load(weights_only=True)` memory-mapped (tensors
+    are paged in as they are used); legacy non-zip `.bin` files cannot be mapped and are read whole."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as shard:
+            return {key: shard.get_tensor(key) for key in shard.keys()}
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def shard_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """Meta tensors with the shapes and dtypes of one shard's weights, read from its header only."""
+    if path.suffix == ".safetensors":
+        with safe_open(path, framework="pt") as shard:
+            return {key: _meta_like(shard.get_slice(key)) for key in shard.keys()}
+    return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in load_shard(path).items()}
+
+
+def _meta_like(tensor_slice) -> torch.Tensor:
+    dtype = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}.get(
+        tensor_slice.get_dtype(), torch.float32
+    )
+    return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
+
+
+def read_original_config(folder: Path) -> dict:
+    """The original `config.json` as plain JSON (never through AutoConfig: "llava" is transformers' LLaVA)."""
+    path = folder / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in {folder}; expected an original TokenPacker checkpoint folder")
+    return json.loads(path.read_text())
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Resolving what the original code reads from the config (spec §2.3, §2.4)
+
+
+def _resolve(field: str, override: int | None, found: int | None, source: str) -> int | None:
+    if override is not None and found is not None and override != found:
+        raise ConversionError(f"{field}={override} was requested but the checkpoint's {source} says {found}")
+    return override if override is not None else found
+
+
+def resolve_scale_factor(original: dict, name: str, override: int | None = None) -> int:
+    """`scale_factor` from config.json, else its pre-July-2024 name `down_rate`, else the token budget in the repo
+    name (`144token` -> 2, `64token` -> 3, `36token` -> 4)."""
+    for key in ("scale_factor", "down_rate"):
+        if original.get(key) is not None:
+            return _resolve("scale_factor", override, int(original[key]), f"config.json {key}")
+    match = re.search(r"(\d+)token", name)
+    if match and int(match.group(1)) in _NAME_SCALE_FACTORS:
+        return _resolve("scale_factor", override, _NAME_SCALE_FACTORS[int(match.group(1))], f"name {name!r}")
+    if override is None:
+        raise ConversionError(
+            f"cannot tell the scale factor: config.json has neither scale_factor nor down_rate and the name {name!r} "
+            f"has no 144token/64token/36token; pass scale_factor (2, 3 or 4)"
+        )
+    return override
+
+
+def resolve_image_mode(original: dict) -> str:
+    """`image_aspect_ratio` "pad" (normal models), "slice" (TokenPacker-HD) or "square" (stage 1, the default)."""
+    aspect = original.get("image_aspect_ratio") or "square"
+    if aspect not in _IMAGE_MODES:
+        raise ConversionError(f"image_aspect_ratio must be one of {sorted(_IMAGE_MODES)}, found {aspect!r}")
+    return _IMAGE_MODES[aspect]
+
+
+def resolve_max_slices(original: dict, name: str, override: int | None = None) -> int:
+    """`patch_num` from config.json (the training code never writes it), else `9patch`/`16patch`/`25patch` in the
+    repo name, else 9 (what the original evaluation falls back to)."""
+    if original.get("patch_num") is not None:
+        return _resolve("max_slices", override, int(original["patch_num"]), "config.json patch_num")
+    match = re.search(r"(\d+)patch", name)
+    if match:
+        return _resolve("max_slices", override, int(match.group(1)), f"name {name!r}")
+    return override if override is not None else 9
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Building the target config
+
+
+def check_is_tokenpacker(keys: Iterable[str]) -> None:
+    """Detects the projector from its keys: `mm_projector_type` is ignored by the original and often wrong."""
+    projector = sorted(k.removeprefix("model.mm_projector.") for k in keys if k.startswith("model.mm_projector."))
+    if "clip_attn.in_proj_weight" not in projector:
+        found = _listing(projector) if projector else "no model.mm_projector.* keys at all"
+        raise ConversionError(
+            "not a TokenPacker checkpoint: expected the projector key model.mm_projector.clip_attn.in_proj_weight "
+            f"(and q_proj_1, k_proj_1, v_proj_1, mlp), found {found}"
+            + ("; this looks like LLaVA-1.5's mlp2x_gelu projector" if "0.weight" in projector else "")
+        )
+
+
+def infer_clip_vision_config(tower: Mapping[str, torch.Tensor]) -> dict:
+    """CLIP vision config from the tower's weight shapes (keys of `model.vision_tower`): width, MLP width,
+    depth, patch and image size. Heads are not visible in the weights; OpenAI's CLIP uses 64-wide heads."""
+    patch = tower["model.vision_tower.embeddings.patch_embedding.weight"]
+    positions = tower["model.vision_tower.embeddings.position_embedding.weight"].shape[0]
+    depth = 1 + max(int(m.group(1)) for k in tower if (m := re.search(r"encoder\.layers\.(\d+)\.", k)))
+    hidden, channels, patch_size = patch.shape[0], patch.shape[1], patch.shape[-1]
+    grid = round((positions - 1) ** 0.5)
+    config = dict(
+        model_type="clip_vision_model",
+        hidden_size=hidden,
+        intermediate_size=tower["model.vision_tower.encoder.layers.0.mlp.fc1.weight"].shape[0],
+        num_hidden_layers=depth,
+        num_attention_heads=max(1, hidden // CLIP_HEAD_DIM),
+        num_channels=channels,
+        image_size=grid * patch_size,
+        patch_size=patch_size,
+        hidden_act="quick_gelu",
+    )
+    if all(config[key] == value for key, value in CLIP_L_336.items()):
+        config.update(num_attention_heads=16, projection_dim=768)
+    return config
+
+
+def load_vision_config(folder: Path) -> dict:
+    """The vision config of a CLIPModel or CLIPVisionModel folder, as a dict."""
+    from transformers import CLIPVisionConfig
+
+    try:
+        return CLIPVisionConfig.from_pretrained(folder).to_dict()
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{folder} holds no CLIP vision config: {error}") from error
+
+
+_LLAMA_FIELDS = (
+    "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+    "hidden_act", "max_position_embeddings", "initializer_range", "rms_norm_eps", "rope_theta", "rope_scaling",
+    "attention_bias", "attention_dropout", "mlp_bias", "head_dim", "pretraining_tp", "bos_token_id", "eos_token_id",
+    "pad_token_id", "tie_word_embeddings", "use_cache",
+)  # fmt: skip
+
+
+def text_config_from_original(original: dict, vocab_size: int) -> dict:
+    """The Llama fields of the original config (an `LlavaLlamaForCausalLM` config is a LlamaConfig plus `mm_*`)."""
+    config = {key: original[key] for key in _LLAMA_FIELDS if original.get(key) is not None}
+    return dict(model_type="llama", vocab_size=vocab_size, **config)
+
+
+def projector_settings(shapes: Mapping[str, torch.Tensor], vision_width: int) -> dict:
+    """Projector width and heads from the original projector's shapes; checks the tower feeds it the width and
+    number of levels it was trained on."""
+    query = shapes["model.mm_projector.q_proj_1.weight"]
+    region = shapes["model.mm_projector.k_proj_1.0.weight"]
+    levels = len(ORIGINAL_REGION_LAYERS)
+    if query.shape[1] != vision_width or region.shape[1] != levels * vision_width:
+        raise ConversionError(
+            f"the vision tower's width {vision_width} does not match the projector: model.mm_projector.q_proj_1.weight "
+            f"is {list(query.shape)} (expects width {query.shape[1]}) and model.mm_projector.k_proj_1.0.weight is "
+            f"{list(region.shape)} (expects {levels} levels x {query.shape[1]})"
+        )
+    return dict(
+        projector_hidden_size=query.shape[0],
+        projector_num_heads=max(1, query.shape[0] // ORIGINAL_HEAD_DIM),
+        projector_layer_norm_eps=1e-6,
+        projector_hidden_act="gelu",
+    )
+
+
+def build_config(original: dict, vision_config: dict, projector: dict, scale_factor: int, vocab_size: int,
+                 image_token_id: int, dtype: torch.dtype):  # fmt: skip
+    """The `TokenPackerConfig` of the converted model."""
+    from .configuration_tokenpacker import TokenPackerConfig
+
+    select_feature = original.get("mm_vision_select_feature", "patch")
+    if select_feature != "patch":
+        raise ConversionError(
+            f"mm_vision_select_feature must be 'patch' (the original cannot run 'cls_patch'), found {select_feature!r}"
+        )
+    try:
+        return TokenPackerConfig(
+            vision_config=vision_config,
+            text_config=text_config_from_original(original, vocab_size),
+            image_token_index=image_token_id,
+            vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
+            vision_feature_select_strategy="default",
+            region_feature_layers=list(ORIGINAL_REGION_LAYERS),
+            scale_factor=scale_factor,
+            projector_type="tokenpacker",
+            tie_word_embeddings=bool(original.get("tie_word_embeddings", False)),
+            dtype=str(dtype).removeprefix("torch."),
+            **projector,
+        )
+    except ValueError as error:
+        raise ConversionError(f"the checkpoint does not make a valid TokenPacker config: {error}") from error
+
+
+def prepare_tokenizer(folder: Path, vocab_size: int):
+    """The checkpoint's tokenizer with `<image>` added as a special token (the original splices images at id
+    -200 and has none). Returns the tokenizer and the embedding rows the model needs."""
+    from transformers import AddedToken, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"cannot load the tokenizer of {folder}: {error}") from error
+    if len(tokenizer) > vocab_size:
+        raise ConversionError(f"the tokenizer has {len(tokenizer)} tokens but config.json vocab_size is {vocab_size}")
+    if tokenizer.convert_tokens_to_ids(IMAGE_TOKEN) in (None, tokenizer.unk_token_id):
+        tokenizer.add_tokens([AddedToken(IMAGE_TOKEN, special=True, normalized=False)], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    return tokenizer, image_token_id, max(vocab_size, image_token_id + 1)
+
+
+def expected_shapes(config) -> dict[str, torch.Size]:
+    """Key -> shape of every weight `TokenPackerForConditionalGeneration(config)` saves, from a meta-device
+    model (no memory): the LM head is left out when it is tied to the embeddings."""
+    from .modeling_tokenpacker import TokenPackerForConditionalGeneration
+
+    with torch.device("meta"):
+        model = TokenPackerForConditionalGeneration(config)
+    shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight")
+    return shapes
+
+
+def check_against_model(converted: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Size]) -> None:
+    """Raises with every missing, unexpected and mis-shaped key (shapes after the vocabulary padding)."""
+    missing, unexpected = set(expected) - set(converted), set(converted) - set(expected)
+    wrong = [
+        f"{key}: expected {list(expected[key])}, found {list(converted[key].shape)}"
+        for key in sorted(set(expected) & set(converted))
+        if converted[key].shape != expected[key]
+    ]
+    problems = []
+    if missing:
+        problems.append(f"missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        problems.append(f"unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if wrong:
+        problems.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:12]))
+    if problems:
+        raise ConversionError("the checkpoint does not match the TokenPacker model it describes: " + " | ".join(problems))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Streaming the weights
+
+
+_VOCAB_KEYS = ("model.language_model.embed_tokens.weight", "lm_head.weight")
+
+
+def pad_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """`[V, D]` -> `[vocab_size, D]`, new rows set to the mean row. The `<image>` embedding row is never read
+    (image positions are overwritten by image features); as an LM-head row the mean gives the mean logit, which
+    is never the greedy choice, and generation_config suppresses the token anyway."""
+    if weight.shape[0] >= vocab_size:
+        return weight
+    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    return torch.cat([weight, mean.expand(vocab_size - weight.shape[0], -1)])
+
+
+def convert_shard(tensors: dict[str, torch.Tensor], from_tower: bool, vocab_size: int, tie: bool) -> dict:
+    """One shard's tensors (or meta tensors) renamed and reshaped for the target model."""
+    converted = convert_vision_tower_state_dict(tensors) if from_tower else convert_original_state_dict(tensors)
+    if tie:
+        converted.pop("lm_head.weight", None)
+    for key in _VOCAB_KEYS:
+        if key in converted:
+            converted[key] = pad_vocab(converted[key], vocab_size)
+    return converted
+
+
+def _shard_name(index: int, count: int) -> str:
+    return "model.safetensors" if count == 1 else f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def write_weights(plan: list[tuple[Path, bool]], folder: Path, dtype: torch.dtype, vocab_size: int, tie: bool) -> None:
+    """Streams each `(shard, from_tower)` of the plan into one output safetensors shard (+ index when several):
+    only one input shard and its converted tensors are alive at a time."""
+    weight_map, total_size = {}, 0
+    for index, (path, from_tower) in enumerate(tqdm(plan, desc="Converting shards", unit="shard"), start=1):
+        converted = convert_shard(load_shard(path), from_tower, vocab_size, tie)
+        for key, tensor in converted.items():
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                tensor = tensor.to(dtype)
+            converted[key] = tensor.contiguous()
+            total_size += tensor.numel() * tensor.element_size()
+        name = _shard_name(index, len(plan))
+        save_file(converted, folder / name, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(converted, name))
+        del converted
+    if len(plan) > 1:
+        index_json = {"metadata": {"total_size": total_size}, "weight_map": dict(sorted(weight_map.items()))}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index_json, indent=2) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The folder around the weights
+
+
+def write_model_files(config, folder: Path, original_folder: Path, image_token_id: int) -> None:
+    """config.json with `auto_map`, the remote-code modules (through transformers' own `custom_object_save`,
+    as `save_pretrained` does) and generation_config.json."""
+    from transformers import GenerationConfig
+    from transformers.dynamic_module_utils import custom_object_save
+
+    from .modeling_tokenpacker import TokenPackerForConditionalGeneration
+
+    with torch.device("meta"):
+        model = TokenPackerForConditionalGeneration(config)
+    custom_object_save(model, folder, config=config)
+    config.save_pretrained(folder)
+    if (original_folder / "generation_config.json").is_file():
+        generation = GenerationConfig.from_pretrained(original_folder)
+    else:
+        generation = GenerationConfig.from_model_config(config.text_config)
+    # The original model has no <image> token at all; never let generation produce one.
+    generation.suppress_tokens = sorted(set(generation.suppress_tokens or []) | {image_token_id})
+    generation.save_pretrained(folder)
+
+
+def build_processor(config, tokenizer, image_mode: str, max_slices: int):
+    """The processor of the converted model: image mode and slice limit of the original, its `,` / `\\n`
+    separators (looked up in the tokenizer as the original does) and the vicuna_v1 chat template."""
+    from .image_processing_tokenpacker import TokenPackerImageProcessor
+    from .processing_tokenpacker import TokenPackerProcessor
+
+    image_processor = TokenPackerImageProcessor.from_vision_config(
+        config.vision_config, image_mode=image_mode, max_slices=max_slices
+    )
+    return TokenPackerProcessor.from_config(config, image_processor=image_processor, tokenizer=tokenizer)
+
+
+def write_model_card(config, folder: Path, processor, src: str, hub_sources: list[str], repo_id: str | None) -> None:
+    from huggingface_hub import ModelCard
+
+    from .training import model_card
+
+    card = model_card(
+        config,
+        repo_id or folder.name,
+        image_processor=processor.image_processor,
+        base_models=hub_sources,
+        description=f"Converted from the original checkpoint `{src}` with `tokenpacker-hf convert`.",
+    )
+    conversion = (
+        "\n## Conversion\n\nConverted from the authors' LLaVA-format checkpoint with `tokenpacker-hf convert`: keys "
+        "renamed, the projector's attention in-projection split into q/k/v, `<image>` added to the tokenizer (id "
+        f"{config.image_token_id}; its embedding row is never read because image positions are replaced). With "
+        "these weights the image features and logits equal the original code's within 1e-4 in float32.\n"
+    )
+    ModelCard(str(card) + conversion).save(folder / "README.md")
+
+
+def _plan(shards: list[Path], from_tower: bool) -> list[tuple[Path, bool, dict]]:
+    return [(path, from_tower, shard_shapes(path)) for path in shards]
+
+
+def convert_original_checkpoint(
+    src: str | os.PathLike,
+    dst: str | os.PathLike,
+    *,
+    vision_tower: str | None = DEFAULT_VISION_TOWER,
+    scale_factor: int | None = None,
+    max_slices: int | None = None,
+    dtype: str | None = None,
+    push_to_hub: str | None = None,
+) -> Path:
+    """Converts an original TokenPacker / TokenPacker-HD checkpoint into a `from_pretrained` folder.
+
+    Args:
+        src: a local folder or a Hub repo id in the original layout (spec §2): `config.json`, `.bin` or safetensors
+            shards (with index), tokenizer files.
+        dst: the output folder; must not exist or be empty. Written to a temporary sibling and renamed at the end,
+            so a failed conversion leaves nothing.
+        vision_tower: folder or Hub id of the CLIP tower, read only when the checkpoint holds no
+            `model.vision_tower.*` weights (None: openai/clip-vit-large-patch14-336, what the original loads).
+        scale_factor, max_slices: only needed when neither config.json nor the name tells them; a value that
+            contradicts the checkpoint is an error.
+        dtype: "float32", "float16" or "bfloat16"; None keeps the checkpoint's `torch_dtype`.
+        push_to_hub: a repo id to upload the finished folder to.
+    Returns:
+        The path of `dst`.
+    """
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
+
+    folder = resolve_folder(src, "checkpoint")
+    original = read_original_config(folder)
+    name = str(src).rstrip("/\\")
+    plan = _plan(find_weight_files(folder), from_tower=False)
+    source_shapes = {key: t for _, _, shapes in plan for key, t in shapes.items()}
+    check_is_tokenpacker(source_shapes)
+
+    hub_sources = [name] if not Path(src).is_dir() else []
+    if any(key.startswith(_ORIGINAL_TOWER_PREFIX) for key in source_shapes):
+        tower_shapes = convert_original_state_dict(
+            {k: t for k, t in source_shapes.items() if k.startswith(_ORIGINAL_TOWER_PREFIX)}
+        )
+        vision_config = infer_clip_vision_config(tower_shapes)
+    else:
+        vision_tower = vision_tower or DEFAULT_VISION_TOWER
+        tower_folder = resolve_folder(vision_tower, "vision tower")
+        vision_config = load_vision_config(tower_folder)
+        plan += _plan(find_weight_files(tower_folder), from_tower=True)
+        if not Path(vision_tower).is_dir():
+            hub_sources.append(str(vision_tower))
+
+    target_dtype = DTYPES[dtype] if dtype else _checkpoint_dtype(original, source_shapes)
+    tokenizer, image_token_id, vocab_size = prepare_tokenizer(folder, int(original.get("vocab_size", 32000)))
+    projector = projector_settings(source_shapes, vision_config["hidden_size"])
+    config = build_config(
+        original, vision_config, projector, resolve_scale_factor(original, name, scale_factor), vocab_size,
+        image_token_id, target_dtype,
+    )  # fmt: skip
+    image_mode = resolve_image_mode(original)
+    slices = resolve_max_slices(original, name, max_slices)
+
+    converted_shapes = {}
+    for _, from_tower, shapes in plan:
+        converted_shapes.update(convert_shard(shapes, from_tower, vocab_size, config.tie_word_embeddings))
+    check_against_model(converted_shapes, expected_shapes(config))
+    processor = build_processor(config, tokenizer, image_mode, slices)
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
+    try:
+        write_weights([(path, from_tower) for path, from_tower, _ in plan], staging, target_dtype, vocab_size,
+                      config.tie_word_embeddings)  # fmt: skip
+        write_model_files(config, staging, folder, image_token_id)
+        processor.save_pretrained(staging)
+        write_model_card(config, staging, processor, name, hub_sources, push_to_hub)
+        if dst.exists():
+            dst.rmdir()
+        staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if push_to_hub:
+        _upload(dst, push_to_hub)
+    return dst
+
+
+def _checkpoint_dtype(original: dict, shapes: Mapping[str, torch.Tensor]) -> torch.dtype:
+    """The checkpoint's own dtype: config.json `torch_dtype`, else that of its embedding matrix."""
+    declared = original.get("torch_dtype") or original.get("dtype")
+    if declared in DTYPES:
+        return DTYPES[declared]
+    embeddings = shapes.get("model.embed_tokens.weight")
+    return embeddings.dtype if embeddings is not None and embeddings.is_floating_point() else torch.float32
+
+
+def _upload(folder: Path, repo_id: str) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Convert the original TokenPacker checkpoint")
+
+
+__all__ = [
+    "ConversionError",
+    "DEFAULT_VISION_TOWER",
+    "convert_original_checkpoint",
+    "convert_original_projector_state_dict",
+    "convert_original_state_dict",
+    "convert_vision_tower_state_dict",
+]

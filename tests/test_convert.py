@@ -1,0 +1,471 @@
+"""Conversion of original (LLaVA-format) TokenPacker checkpoints, proven against the independent oracle.
+
+Each test writes a synthetic checkpoint in the authors' exact layout (spec §2: `LlavaLlamaForCausalLM` key names
+and shapes, `model.mm_projector.*` with the stacked `clip_attn.in_proj_*`, `rotary_emb.inv_freq` buffers, an
+original `config.json`, `.bin` or safetensors shards with their index, a tokenizer without `<image>`) from three
+modules the oracle runs as the original code does: a CLIP tower, `OriginalTokenPacker` and a Llama LM. The
+converted folder is loaded with `from_pretrained` and must give the oracle's image features and logits.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from reference.original_tokenpacker import (
+    IMAGE_TOKEN_INDEX,
+    OriginalTokenPacker,
+    original_feature_select,
+    original_multimodal_forward,
+    random_init_,
+)
+from safetensors import safe_open
+from safetensors.torch import save_file
+from subprocess_utils import run_without_package
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import PreTrainedTokenizerFast
+
+from tokenpacker_hf import TokenPackerForConditionalGeneration
+from tokenpacker_hf.convert_tokenpacker_original import (
+    ConversionError,
+    build_config,
+    convert_original_checkpoint,
+    convert_original_state_dict,
+    expected_shapes,
+    projector_settings,
+    resolve_image_mode,
+    resolve_max_slices,
+    resolve_scale_factor,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
+# A tiny tower with CLIP-L's depth (the original reads layers 12, 16, 22, 23 and -2), 24 px tiles of 2 px patches:
+# a 12x12 grid, divisible by s = 2, 3 and 4. Heads are 64 wide, as in OpenAI's CLIP (the converter infers them).
+TINY_TOWER = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=24, num_attention_heads=1,
+                  image_size=24, patch_size=2)  # fmt: skip
+TINY_LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+
+
+def llama_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level tokenizer with LLaMA's special ids (`<unk>` 0, `<s>` 1, `</s>` 2) and, like the released
+    checkpoints, no `<image>` token; "\\n" is no token, so it maps to `<unk>` as in LLaMA's vocabulary."""
+    specials = ["<unk>", "<s>", "</s>"]
+    vocab = {token: i for i, token in enumerate(specials)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(specials)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
+    )
+
+
+class Original:
+    """The three modules of an original TokenPacker model, with non-trivial random weights, and the checkpoint
+    folder they are written to in the authors' layout."""
+
+    def __init__(self, tower: dict, lm: dict, scale_factor: int, seed: int = 0):
+        torch.manual_seed(seed)
+        self.tokenizer = llama_like_tokenizer()
+        self.tower = random_init_(CLIPVisionModel(CLIPVisionConfig(**tower)), seed).eval()
+        self.llama_config = dict(
+            vocab_size=len(self.tokenizer), hidden_act="silu", max_position_embeddings=512, initializer_range=0.02,
+            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
+            pretraining_tp=1, rope_scaling=None, use_cache=True, **lm,
+        )  # fmt: skip
+        self.lm = random_init_(LlamaForCausalLM(LlamaConfig(**self.llama_config)), seed + 1).eval()
+        grid = tower["image_size"] // tower["patch_size"]
+        self.projector = random_init_(
+            OriginalTokenPacker(
+                raw_grid=grid, embed_dim=tower["hidden_size"], num_heads=max(1, tower["hidden_size"] // 128),
+                hidden_size=lm["hidden_size"], scale_factor=scale_factor, kv_dim=tower["hidden_size"], num_levels=4,
+            ),
+            seed + 2,
+        ).eval()  # fmt: skip
+        self.scale_factor = scale_factor
+
+    def state_dict(self, with_tower: bool = True) -> dict[str, torch.Tensor]:
+        """Original key names (spec §2.1, §2.2), including the persistent `inv_freq` buffers of transformers 4.31."""
+        state = {key: t.clone() for key, t in self.lm.state_dict().items()}
+        head_dim = self.llama_config["hidden_size"] // self.llama_config["num_attention_heads"]
+        for layer in range(self.llama_config["num_hidden_layers"]):
+            state[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = 1.0 / (
+                10000 ** (torch.arange(0, head_dim, 2).float() / head_dim)
+            )
+        state.update({"model.mm_projector." + k: t.clone() for k, t in self.projector.state_dict().items()})
+        if with_tower:
+            state.update({ORIGINAL_TOWER_PREFIX + k: t.clone() for k, t in self.tower.state_dict().items()})
+        return state
+
+    def config(self, **fields) -> dict:
+        """An original `config.json`: Llama fields plus the `mm_*` fields `train.py` writes (spec §2.3)."""
+        config = dict(
+            architectures=["LlavaLlamaForCausalLM"], model_type="llava", torch_dtype="float32",
+            transformers_version="4.31.0", mm_vision_tower="./clip-vit-large-patch14-336", mm_hidden_size=1024,
+            mm_vision_select_layer=-2, mm_vision_select_feature="patch", mm_projector_type="tokenpacker",
+            use_mm_proj=True, mm_use_im_start_end=False, mm_use_im_patch_token=False, tune_mm_mlp_adapter=False,
+            freeze_mm_mlp_adapter=False, image_aspect_ratio="pad", scale_factor=self.scale_factor, **self.llama_config,
+        )  # fmt: skip
+        config.update(fields)
+        return {key: value for key, value in config.items() if value is not None}
+
+    def write(self, folder: Path, fmt: str = "bin", shards: int = 3, with_tower: bool = True,
+              state: dict | None = None, **config_fields) -> Path:  # fmt: skip
+        folder.mkdir(parents=True)
+        write_shards(folder, state if state is not None else self.state_dict(with_tower), fmt, shards)
+        (folder / "config.json").write_text(json.dumps(self.config(**config_fields), indent=2))
+        self.tokenizer.save_pretrained(folder)
+        return folder
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The original `encode_images`: full tower, `feature_select`, projector. `[tiles, T, D_text]`."""
+        hidden_states = self.tower(pixel_values, output_hidden_states=True).hidden_states
+        return self.projector(original_feature_select(hidden_states))
+
+    def logits(self, input_ids: list[int], pixel_values: torch.Tensor, mode="pad", grid=(1, 1)) -> torch.Tensor:
+        separators = tuple(self.tokenizer.convert_tokens_to_ids(t) for t in (",", "\n"))
+        return original_multimodal_forward(
+            self.tower, self.projector, self.lm, input_ids, pixel_values, mode=mode, grid=grid, separator_ids=separators
+        )
+
+
+def write_shards(folder: Path, state: dict[str, torch.Tensor], fmt: str, shards: int) -> None:
+    """Consecutive key ranges in `shards` files, named and indexed as `save_pretrained` (4.31) does."""
+    keys = list(state)
+    size = -(-len(keys) // shards)
+    suffix, stem = (".bin", "pytorch_model") if fmt == "bin" else (".safetensors", "model")
+    weight_map = {}
+    for index in range(shards):
+        name = f"{stem}-{index + 1:05d}-of-{shards:05d}{suffix}"
+        part = {key: state[key].contiguous() for key in keys[index * size : (index + 1) * size]}
+        torch.save(part, folder / name) if fmt == "bin" else save_file(part, folder / name, {"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+             "weight_map": weight_map}  # fmt: skip
+    (folder / f"{stem}{suffix}.index.json").write_text(json.dumps(index))
+
+
+def ask(processor, image: Image.Image) -> dict:
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=[image], text=prompt, return_tensors="pt")
+
+
+def expected_layout(image_id: int, tokens: int, grid: tuple[int, int], comma: int, newline: int, mode: str) -> list:
+    """Spec §3.5, written out: T image ids per tile; in slice mode `,` between the tiles of a row, `\\n` after
+    each row, then the thumbnail and `\\n` when there is more than one tile."""
+    tile = [image_id] * tokens
+    if mode != "slice":
+        return tile
+    rows, cols = grid
+    layout = []
+    for _ in range(rows):
+        for col in range(cols):
+            layout += tile + [comma if col < cols - 1 else newline]
+    return layout + (tile + [newline] if rows * cols > 1 else [])
+
+
+def check_against_oracle(original: Original, dst: Path, image: Image.Image, mode: str = "pad") -> dict:
+    """Loads the converted folder and checks image features and logits against the original forward."""
+    model = TokenPackerForConditionalGeneration.from_pretrained(dst).eval()
+    processor = AutoProcessor.from_pretrained(dst)
+    assert model.config.scale_factor == original.scale_factor and processor.image_mode == mode
+    inputs = ask(processor, image)
+    ids = inputs["input_ids"][0].tolist()
+    grid = tuple(inputs["image_grids"][0].tolist())
+
+    image_id = model.config.image_token_id
+    assert image_id == len(original.tokenizer) and processor.tokenizer.convert_tokens_to_ids("<image>") == image_id
+    comma, newline = (original.tokenizer.convert_tokens_to_ids(t) for t in (",", "\n"))
+    assert newline == original.tokenizer.unk_token_id  # the released HD models' "newline" is <unk>
+    layout = expected_layout(image_id, model.config.num_image_tokens, grid, comma, newline, mode)
+    start = ids.index(image_id)
+    assert ids[start : start + len(layout)] == layout
+    spliced = ids[:start] + [IMAGE_TOKEN_INDEX] + ids[start + len(layout) :]
+
+    with torch.no_grad():
+        features = model.get_image_features(inputs["pixel_values"], image_grids=inputs["image_grids"])
+        logits = model(**inputs).logits
+        expected_features = original.image_features(inputs["pixel_values"])
+        expected_logits = original.logits(spliced, inputs["pixel_values"], mode=mode, grid=grid)
+    vocab = len(original.tokenizer)
+    assert logits.shape == (1, len(ids), vocab + 1)
+    torch.testing.assert_close(features.pooler_output[0], expected_features.flatten(0, 1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits[..., :vocab], expected_logits, rtol=0, atol=1e-4)
+    assert expected_logits.abs().max() > 1  # non-trivial outputs: a 1e-4 agreement means something
+    return {"model": model, "inputs": inputs, "logits": logits, "grid": grid}
+
+
+def photo(width: int, height: int, seed: int = 0) -> Image.Image:
+    generator = torch.Generator().manual_seed(seed)
+    pixels = torch.randint(0, 256, (height, width, 3), generator=generator, dtype=torch.uint8)
+    return Image.fromarray(pixels.numpy())
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Equality with the original forward
+
+
+@pytest.mark.parametrize("scale_factor, fmt", [(2, "bin"), (3, "safetensors"), (4, "bin")])
+def test_pad_mode_matches_original_for_each_scale_factor(tmp_path, scale_factor, fmt):
+    original = Original(TINY_TOWER, TINY_LM, scale_factor, seed=scale_factor)
+    src = original.write(tmp_path / "TokenPacker-tiny", fmt=fmt)
+    dst = convert_original_checkpoint(src, tmp_path / "converted")
+    assert dst == tmp_path / "converted"
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert sorted(set(index["weight_map"].values())) == [f"model-0000{i}-of-00003.safetensors" for i in (1, 2, 3)]
+    check_against_oracle(original, dst, photo(40, 30, seed=scale_factor))
+
+
+def test_slice_mode_matches_original_with_tower_from_vision_tower_folder(tmp_path):
+    """TokenPacker-HD: slice layout with separators; scale factor and patch_num only in the repo name (the
+    training code never writes patch_num); CLIP taken from `vision_tower` because the checkpoint has none."""
+    tower = {**TINY_TOWER, "num_attention_heads": 4}  # read from the folder's config, not inferred
+    original = Original(tower, TINY_LM, scale_factor=3, seed=5)
+    original.tower.save_pretrained(tmp_path / "clip")
+    src = original.write(
+        tmp_path / "TokenPacker-HD-tiny-16patch-64token", with_tower=False, image_aspect_ratio="slice",
+        scale_factor=None,
+    )  # fmt: skip
+    dst = convert_original_checkpoint(src, tmp_path / "converted", vision_tower=str(tmp_path / "clip"))
+    result = check_against_oracle(original, dst, photo(72, 40, seed=1), mode="slice")
+    rows, cols = result["grid"]
+    assert rows * cols > 1 and rows != cols  # tiles, thumbnail and both separators are exercised
+    assert AutoProcessor.from_pretrained(dst).image_processor.max_slices == 16
+
+
+def test_clip_l_width_projector_matches_original(tmp_path):
+    """The projector at real CLIP-L widths (1024 per level, 4 levels, 8 heads, in_proj [3072, 1024]) on a
+    24-layer 1024-wide tower whose config is inferred from the checkpoint's weights; a small LLM."""
+    tower = dict(TINY_TOWER, hidden_size=1024, num_attention_heads=16, intermediate_size=32)
+    original = Original(tower, dict(TINY_LM, hidden_size=64), scale_factor=2, seed=11)
+    assert original.projector.state_dict()["clip_attn.in_proj_weight"].shape == (3072, 1024)
+    assert original.projector.state_dict()["k_proj_1.0.weight"].shape == (1024, 4096)
+    src = original.write(tmp_path / "TokenPacker-clip-l-width", fmt="safetensors", shards=2)
+    dst = convert_original_checkpoint(src, tmp_path / "converted")
+    result = check_against_oracle(original, dst, photo(30, 24, seed=2))
+    config = result["model"].config
+    assert (config.projector_hidden_size, config.projector_num_heads, config.vision_config.num_attention_heads) == (
+        1024, 8, 16)  # fmt: skip
+
+
+def test_converted_folder_loads_without_the_package_and_generates(tmp_path):
+    original = Original(TINY_TOWER, TINY_LM, scale_factor=2, seed=3)
+    src = original.write(tmp_path / "TokenPacker-tiny-144token", fmt="bin", shards=2, scale_factor=None)
+    dst = convert_original_checkpoint(src, tmp_path / "converted", dtype="float32")
+    expected = check_against_oracle(original, dst, photo(40, 30))
+    torch.save({"inputs": dict(expected["inputs"]), "logits": expected["logits"]}, tmp_path / "expected.pt")
+
+    child = run_without_package(
+        """
+import torch
+from transformers import AutoModelForImageTextToText, AutoProcessor
+expected = torch.load("expected.pt", weights_only=False)
+model = AutoModelForImageTextToText.from_pretrained("converted", trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained("converted", trust_remote_code=True)
+assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+inputs = expected["inputs"]
+with torch.no_grad():
+    torch.testing.assert_close(model(**inputs).logits, expected["logits"], rtol=0, atol=1e-5)
+output = model.generate(**inputs, max_new_tokens=5, do_sample=False)
+assert output.shape[1] == inputs["input_ids"].shape[1] + 5
+assert model.config.image_token_id not in output[0, inputs["input_ids"].shape[1]:].tolist()
+print("OK", processor.image_processor.image_mode)
+""",
+        cwd=tmp_path,
+    )
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert child.stdout.split()[-2:] == ["OK", "pad"]
+    files = {p.name for p in dst.iterdir()}
+    assert {"configuration_tokenpacker.py", "modeling_tokenpacker.py", "projector_tokenpacker.py",
+            "processing_tokenpacker.py", "image_processing_tokenpacker.py", "generation_config.json", "README.md",
+            "chat_template.jinja", "tokenizer.json"} <= files  # fmt: skip
+    assert "TokenPacker" in (dst / "README.md").read_text() and "1e-4" in (dst / "README.md").read_text()
+
+
+def test_dtype_is_applied_to_every_floating_weight(tmp_path):
+    original = Original(TINY_TOWER, TINY_LM, scale_factor=2, seed=4)
+    src = original.write(tmp_path / "src", fmt="safetensors", shards=1)
+    dst = convert_original_checkpoint(src, tmp_path / "converted", dtype="bfloat16")
+    with safe_open(dst / "model.safetensors", framework="pt") as weights:
+        dtypes = {weights.get_slice(key).get_dtype() for key in weights.keys()}
+    assert dtypes == {"BF16"}
+    assert json.loads((dst / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# What is resolved from the original config
+
+
+def test_scale_factor_from_config_old_name_or_repo_name():
+    assert resolve_scale_factor({"scale_factor": 3}, "x") == 3
+    assert resolve_scale_factor({"down_rate": 4}, "x") == 4
+    for name, expected in [("sunshine-lwt/TokenPacker-7b-144token", 2), ("TokenPacker-HD-13b-16patch-64token", 3),
+                           ("TokenPacker-HD-13b-16patch-36token", 4)]:  # fmt: skip
+        assert resolve_scale_factor({}, name) == expected
+    assert resolve_scale_factor({}, "my-model", override=3) == 3
+    with pytest.raises(ConversionError, match="cannot tell the scale factor.*pass scale_factor"):
+        resolve_scale_factor({}, "my-model")
+    with pytest.raises(ConversionError, match="scale_factor=3 was requested but the checkpoint's config.json"):
+        resolve_scale_factor({"scale_factor": 2}, "x", override=3)
+
+
+def test_max_slices_and_image_mode_resolution():
+    assert resolve_max_slices({"patch_num": 16}, "x") == 16
+    assert resolve_max_slices({}, "TokenPacker-HD-13b-16patch-144token") == 16
+    assert resolve_max_slices({}, "TokenPacker-HD-7b-9patch-144token") == 9
+    assert resolve_max_slices({}, "TokenPacker-7b-144token") == 9
+    assert resolve_max_slices({}, "x", override=25) == 25
+    assert [resolve_image_mode({"image_aspect_ratio": m}) for m in ("pad", "slice")] == ["pad", "slice"]
+    assert resolve_image_mode({}) == "square"
+    with pytest.raises(ConversionError, match="image_aspect_ratio must be one of .* found 'anyres'"):
+        resolve_image_mode({"image_aspect_ratio": "anyres"})
+
+
+def test_state_dict_mapping_matches_model_keys():
+    """`convert_original_state_dict` yields exactly the keys and shapes `TokenPackerForConditionalGeneration`
+    expects; `inv_freq` is dropped and the in-projection split q, k, v in that order."""
+    original = Original(TINY_TOWER, TINY_LM, scale_factor=2)
+    state = original.state_dict()
+    converted = convert_original_state_dict(state)
+    assert not any("inv_freq" in key for key in converted)
+    in_proj = state["model.mm_projector.clip_attn.in_proj_weight"]
+    for third, name in zip(in_proj.chunk(3), ("q_proj", "k_proj", "v_proj")):
+        assert torch.equal(converted[f"model.multi_modal_projector.region_attn.{name}.weight"], third)
+    config = build_config(
+        original.config(), dict(model_type="clip_vision_model", **TINY_TOWER),
+        projector_settings(state, TINY_TOWER["hidden_size"]), 2, len(original.tokenizer), 0, torch.float32,
+    )  # fmt: skip
+    expected = expected_shapes(config)
+    assert {key: t.shape for key, t in converted.items()} == dict(expected)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Bad input: one clear error, nothing left behind
+
+
+@pytest.fixture(scope="module")
+def tiny_original():
+    return Original(TINY_TOWER, TINY_LM, scale_factor=2, seed=9)
+
+
+def assert_refused(src: Path, dst: Path, error: type, match: str, **kwargs) -> None:
+    with pytest.raises(error, match=match):
+        convert_original_checkpoint(src, dst, **kwargs)
+    assert not dst.exists()
+    assert [p.name for p in dst.parent.iterdir() if p.name.startswith(f".{dst.name}")] == []
+
+
+def test_plain_llava_mlp_projector_is_refused(tmp_path, tiny_original):
+    state = {k: v for k, v in tiny_original.state_dict().items() if not k.startswith("model.mm_projector.")}
+    state.update({"model.mm_projector.0.weight": torch.zeros(48, 64), "model.mm_projector.0.bias": torch.zeros(48),
+                  "model.mm_projector.2.weight": torch.zeros(48, 48), "model.mm_projector.2.bias": torch.zeros(48)})
+    src = tiny_original.write(tmp_path / "llava-v1.5", state=state, mm_projector_type="mlp2x_gelu")
+    assert_refused(src, tmp_path / "out", ConversionError, r"not a TokenPacker checkpoint.*0\.weight.*mlp2x_gelu")
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda s: s.pop("model.layers.1.mlp.down_proj.weight"), r"missing keys \(1\): model\.language_model\.layers\.1\.mlp\.down_proj\.weight"),
+        (lambda s: s.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)}), r"unexpected keys \(1\): model\.language_model\.layers\.7"),
+        (lambda s: s.update({"model.mm_projector.mlp.2.weight": torch.zeros(48, 40)}), r"wrong shapes \(1\): model\.multi_modal_projector\.output_proj\.fc2\.weight: expected \[48, 48\], found \[48, 40\]"),
+        (lambda s: s.update({"extra.head.weight": torch.zeros(2)}), r"unexpected checkpoint keys: extra\.head\.weight"),
+        (lambda s: s.update({"model.mm_projector.resampler.weight": torch.zeros(2)}), r"unexpected TokenPacker projector keys: resampler\.weight"),
+    ],
+)  # fmt: skip
+def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path, tiny_original, edit, match):
+    state = tiny_original.state_dict()
+    edit(state)
+    src = tiny_original.write(tmp_path / "src", state=state, fmt="safetensors")
+    assert_refused(src, tmp_path / "out", ConversionError, match)
+
+
+def test_vision_tower_of_the_wrong_width_is_refused(tmp_path, tiny_original):
+    CLIPVisionModel(CLIPVisionConfig(**dict(TINY_TOWER, hidden_size=32))).save_pretrained(tmp_path / "clip-b")
+    src = tiny_original.write(tmp_path / "src", with_tower=False)
+    assert_refused(src, tmp_path / "out", ConversionError, r"vision tower's width 32 does not match the projector.*"
+                   r"q_proj_1\.weight is \[64, 64\]", vision_tower=str(tmp_path / "clip-b"))  # fmt: skip
+
+
+def test_existing_destination_missing_source_and_bad_options(tmp_path, tiny_original):
+    src = tiny_original.write(tmp_path / "src")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "keep.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="already exists and is not an empty folder"):
+        convert_original_checkpoint(src, tmp_path / "taken")
+    assert (tmp_path / "taken" / "keep.txt").read_text() == "mine"
+    assert_refused(tmp_path / "nowhere", tmp_path / "out", FileNotFoundError, "neither a folder nor a Hugging Face")
+    assert_refused(src, tmp_path / "out", ConversionError, "dtype must be one of", dtype="float64")
+    assert_refused(src, tmp_path / "out", ConversionError, "scale_factor=4 was requested", scale_factor=4)
+    (src / "config.json").unlink()
+    assert_refused(src, tmp_path / "out", FileNotFoundError, "no config.json")
+
+
+def test_failure_while_writing_leaves_no_destination(tmp_path, tiny_original, monkeypatch):
+    """A failure after the weights are written (here an injected disk error in the last step) removes the
+    temporary folder; an empty destination folder is accepted and stays as it was."""
+    from tokenpacker_hf import convert_tokenpacker_original as module
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(module, "write_model_card", disk_full)
+    src = tiny_original.write(tmp_path / "src")
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="No space left"):
+        convert_original_checkpoint(src, tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Command line and benchmark
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "tokenpacker_hf.cli", "convert", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+
+
+def test_cli_converts_and_refuses_bad_input_with_one_line(tmp_path, tiny_original):
+    src = tiny_original.write(tmp_path / "src", fmt="safetensors", shards=1)
+    done = run_cli(str(src), str(tmp_path / "out"), "--dtype", "float32", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(tmp_path / "out")
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+    llava = tiny_original.write(tmp_path / "llava", state={"model.mm_projector.0.weight": torch.zeros(2, 2)})
+    for args, message in [
+        ((str(llava), str(tmp_path / "bad")), "not a TokenPacker checkpoint"),
+        ((str(src), str(tmp_path / "bad"), "--scale-factor", "3"), "scale_factor=3 was requested"),
+        ((str(tmp_path / "none"), str(tmp_path / "bad")), "neither a folder nor a Hugging Face Hub repo id"),
+        ((str(src), str(tmp_path / "out")), "already exists"),
+    ]:
+        failed = run_cli(*args, cwd=tmp_path)
+        assert failed.returncode == 2, failed.stderr[-3000:]
+        lines = failed.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], failed.stderr[-3000:]
+        assert not (tmp_path / "bad").exists()
+
+
+def test_memory_benchmark_smoke(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(REPO_ROOT / "benchmarks" / "bench_convert_memory.py"), "--smoke", "--workdir",
+         str(tmp_path), "--output", str(tmp_path / "result.json")],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "result.json").read_text())
+    assert report["peak_rss_bytes"] > 0 and report["largest_shard_bytes"] > 0 and report["shards"] == 3
+    assert report["peak_over_largest_shard"] == pytest.approx(report["peak_rss_bytes"] / report["largest_shard_bytes"])
+    assert not any(p.name.startswith("original") for p in tmp_path.iterdir())  # the big files are cleaned up
