@@ -1,20 +1,28 @@
-"""Smoke runs of the benchmark scripts as real subprocesses: they start, finish and write what they promise."""
+"""Smoke runs of every benchmark script as a real subprocess: they start, finish and write what they promise."""
 
+import importlib.util
 import json
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPO / "benchmarks"
+
+
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    process = subprocess.run(
+        [sys.executable, str(BENCHMARKS / name), "--smoke", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return process
 
 
 def test_bench_projector_smoke(tmp_path):
     out = tmp_path / "x.json"
-    process = subprocess.run(
-        [sys.executable, str(REPO / "benchmarks" / "bench_projector.py"), "--smoke", "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
-    )
-    assert process.returncode == 0, process.stderr
+    process = run_script("bench_projector.py", "--out", str(out))
     result = json.loads(out.read_text())
     for field in ("machine", "torch", "transformers", "device", "threads", "dtypes", "flops_per_image",
                   "matmul_gflops", "results", "max_abs_diff"):
@@ -27,3 +35,61 @@ def test_bench_projector_smoke(tmp_path):
             assert row[f"{name}_ms"] > 0 and row[f"{name}_images_per_s"] > 0 and row[f"{name}_gflops"] > 0
     assert result["max_abs_diff"] <= 1e-5
     assert "| batch | dtype |" in process.stdout
+
+
+def load_bench_e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", BENCHMARKS / "bench_e2e.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_e2e_smoke(tmp_path):
+    out, plot = tmp_path / "e2e.json", tmp_path / "e2e.png"
+    process = run_script("bench_e2e.py", "--out", str(out), "--plot", str(plot))
+    results = json.loads(out.read_text())
+    assert plot.stat().st_size > 0
+    # The tables are rendered from the JSON alone, so docs can be regenerated with --from-json.
+    assert load_bench_e2e().markdown(results) in process.stdout
+
+    assert {"torch", "transformers", "threads", "dtype", "device_name", "cpu_affinity"} <= results["env"].keys()
+    # The staged timing pipeline gives the same first token as each model's own forward, at 336 px and HD.
+    assert all(results["pipeline_matches_forward"].values())
+    assert all(row["pipeline_matches_forward"] for rows in results["hd"].values() for row in rows.values())
+
+    grid = results["shapes"]["vision"]["image_size"] // results["shapes"]["vision"]["patch_size"]
+    text = results["shapes"]["text"]
+    assert list(results["base"]) == ["1", "2"]
+    for batch, rows in results["base"].items():
+        baseline = rows["llava-1.5-mlp"]
+        assert baseline["image_tokens"] == grid * grid
+        # Measured KV bytes per image = layers · (k, v) · kv heads · head dim · 4 bytes (fp32) · image tokens.
+        head_dim = text["hidden_size"] // text["num_attention_heads"]
+        per_token = text["num_hidden_layers"] * 2 * text["num_key_value_heads"] * head_dim * 4
+        assert baseline["kv_cache_bytes_per_image"] == per_token * grid * grid, batch
+        for scale in (2, 3, 4):
+            row = rows[f"tokenpacker-s{scale}"]
+            assert row["image_tokens"] == (grid // scale) ** 2
+            fraction = Fraction(row["kv_cache_bytes_per_image"], baseline["kv_cache_bytes_per_image"])
+            assert fraction == Fraction(1, scale * scale), (batch, scale)
+            assert row["images_per_s"] > 0
+    for scale in (2, 3, 4):
+        row = results["base"]["1"][f"tokenpacker-s{scale}"]
+        for key in ("vision", "projector", "prefill", "ttft"):
+            assert row["median_s"][key] > 0 and row["ratio"][key] > 0 and row["flop_ratio"][key] > 0
+        assert row["decode_tokens_per_s"] > 0 and row["memory"]["peak_working_bytes"] >= 0
+        # The tower stops at the deepest layer the projector reads, so it does fewer FLOPs than LLaVA's.
+        assert row["flop_ratio"]["vision"] < 1
+    assert results["targets"]["kv_per_image_exact_fraction"]["met"]
+    assert {"llava-1.5-mlp", "tokenpacker-s2", "tokenpacker-s3", "tokenpacker-s4"} == results["projector_step"][
+        "rows"
+    ].keys()
+
+    # HD token counts: TokenPacker's (n + 1)(T + 1) (spec §3.6) against LLaVA-NeXT's anyres packing.
+    for label, hd_rows in results["hd"].items():
+        ours, llava_next = hd_rows["tokenpacker-s2"], hd_rows["llava-next"]
+        rows_, cols = ours["grid"]
+        assert ours["image_tokens"] == (rows_ * cols + 1) * ((grid // 2) ** 2 + 1), label
+        assert llava_next["image_tokens"] == grid * grid + rows_ * grid * (cols * grid + 1), label
+        assert ours["ttft"] > 0 and llava_next["ttft"] > 0
