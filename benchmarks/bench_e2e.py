@@ -375,7 +375,7 @@ def memory_probe(names: list[str], shapes: Shapes, decode_tokens: int, dtype: to
         with open("/proc/self/clear_refs", "w") as clear_refs:
             clear_refs.write("5")  # resets VmHWM to the current RSS
         run_request(model, request, decode_tokens, "cpu")
-        results[name] = {"loaded_rss_bytes": loaded, "peak_working_bytes": peak_rss_bytes() - loaded}
+        results[name] = {"loaded_rss_bytes": loaded, "peak_working_bytes": max(peak_rss_bytes() - loaded, 0)}
         del model, request
         gc.collect()
     return results
@@ -633,7 +633,9 @@ def add_ratios(results: dict[str, Any], shapes: Shapes, dtype_bytes: int) -> Non
         row["kv_ratio_per_image"] = row["kv_cache_bytes_per_image"] / base["kv_cache_bytes_per_image"]
         mem = results["memory"].get(name)
         if mem:
-            row["memory"] = dict(mem, ratio=mem["peak_working_bytes"] / results["memory"][BASELINE]["peak_working_bytes"])
+            # Tiny (smoke) models can run inside memory the allocator already holds: no measurable peak, no ratio.
+            base_peak = results["memory"][BASELINE]["peak_working_bytes"]
+            row["memory"] = dict(mem, ratio=mem["peak_working_bytes"] / base_peak if base_peak > 0 else None)
     for batch, batch_rows in results["base"].items():
         for name, row in batch_rows.items():
             row["images_per_s"] = int(batch) / row["median_s"]["total"]
@@ -716,7 +718,8 @@ def markdown(results: dict[str, Any]) -> str:
     for name, row in rows.items():
         m, r, f = row["median_s"], row["ratio"], row["flop_ratio"]
         mem = row.get("memory")
-        mem_text = f"{fmt_bytes(mem['peak_working_bytes'])} ({mem['ratio']:.2f})" if mem else "–"
+        mem_ratio = "n/a" if mem is None or mem["ratio"] is None else f"{mem['ratio']:.2f}"
+        mem_text = f"{fmt_bytes(mem['peak_working_bytes'])} ({mem_ratio})" if mem else "–"
         lines.append(
             f"| {name} | {row['image_tokens']} | {fmt_ms(m['vision'])} ({r['vision']:.2f} [{f['vision']:.2f}]) "
             f"| {fmt_ms(m['projector'])} ({r['projector']:.2f} [{f['projector']:.2f}]) "

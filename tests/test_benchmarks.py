@@ -93,3 +93,13 @@ def test_bench_e2e_smoke(tmp_path):
         assert ours["image_tokens"] == (rows_ * cols + 1) * ((grid // 2) ** 2 + 1), label
         assert llava_next["image_tokens"] == grid * grid + rows_ * grid * (cols * grid + 1), label
         assert ours["ttft"] > 0 and llava_next["ttft"] > 0
+
+
+def test_bench_convert_memory_smoke(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    run_script("bench_convert_memory.py", "--workdir", str(workdir), "--output", str(tmp_path / "result.json"))
+    report = json.loads((tmp_path / "result.json").read_text())
+    assert report["peak_rss_bytes"] > 0 and report["largest_shard_bytes"] > 0 and report["shards"] == 3
+    assert report["peak_over_largest_shard"] == report["peak_rss_bytes"] / report["largest_shard_bytes"]
+    assert not any(workdir.iterdir())  # the multi-file checkpoint and its conversion are cleaned up

@@ -457,7 +457,11 @@ def pad_vocab(weight: torch.Tensor, vocab_size: int) -> torch.Tensor:
     is never the greedy choice, and generation_config suppresses the token anyway."""
     if weight.shape[0] >= vocab_size:
         return weight
-    mean = weight.float().mean(dim=0, keepdim=True).to(weight.dtype)
+    # Accumulate in float32 block by block: a float32 copy of a 13B model's embeddings would be 650 MB.
+    total = torch.zeros(weight.shape[1:], dtype=torch.float32, device=weight.device)
+    for block in weight.split(4096):
+        total += block.sum(dim=0, dtype=torch.float32)
+    mean = (total / weight.shape[0]).to(weight.dtype)
     return torch.cat([weight, mean.expand(vocab_size - weight.shape[0], -1)])
 
 
