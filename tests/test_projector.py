@@ -18,6 +18,7 @@ from reference.original_tokenpacker import (
 )
 from tiny import tiny_config, vision_config
 from tokenpacker_hf.configuration_tokenpacker import TokenPackerConfig
+from tokenpacker_hf.modeling_tokenpacker import TokenPackerModel
 from tokenpacker_hf.convert_tokenpacker_original import convert_original_projector_state_dict
 from tokenpacker_hf.projector_tokenpacker import (
     AvgPoolProjector,
@@ -157,6 +158,24 @@ def test_baseline_output_shapes(projector_type, cls, scale_factor, tokens):
     query, _ = features(config, batch=2)
     assert isinstance(projector, cls)
     assert projector(query).shape == (2, tokens, 40) and config.num_image_tokens == tokens
+
+
+def test_fresh_model_initialises_the_projector_like_the_original():
+    """Spec §1.6: the original's `_init_weights` gives every Linear N(0, 0.02) and a zero bias, LayerNorms 1 and 0,
+    and `nn.MultiheadAttention` Xavier-initialises the stacked in-projection. The oracle's own init is the
+    reference, parameter by parameter (the Xavier bound of E = 256 gives a std about twice 0.02)."""
+    config = make_config(grid=8, vision_width=64, levels=2, width=256, heads=2, text_width=96)
+    torch.manual_seed(0)
+    ours = TokenPackerModel(config).multi_modal_projector.state_dict()
+    original = OriginalTokenPacker(raw_grid=8, embed_dim=256, num_heads=2, hidden_size=96, kv_dim=64, num_levels=2)
+    expected = convert_original_projector_state_dict(original.state_dict())
+    assert ours.keys() == expected.keys()
+    for name, reference in expected.items():
+        if reference.std() == 0:  # biases, LayerNorm weights
+            assert torch.equal(ours[name], reference), name
+        else:
+            assert ours[name].std().item() == pytest.approx(reference.std().item(), rel=0.1), name
+            assert ours[name].mean().abs() < 0.1 * reference.std(), name
 
 
 # --- equality with the original formulation ----------------------------------------------------------

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import AutoModel
-from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
@@ -15,7 +14,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import torch_compilable_check
 
 from .configuration_tokenpacker import TokenPackerConfig
-from .projector_tokenpacker import TokenPackerRegionAttention, build_projector, region_attention_init_bound
+from .projector_tokenpacker import build_projector, init_in_projection
 
 
 @dataclass
@@ -77,12 +76,8 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        super()._init_weights(module)
-        if isinstance(module, TokenPackerRegionAttention):
-            # The original's nn.MultiheadAttention Xavier-initialises its stacked [3E, E] in-projection.
-            bound = region_attention_init_bound(module.embed_dim)
-            for projection in (module.q_proj, module.k_proj, module.v_proj):
-                init.uniform_(projection.weight, -bound, bound)
+        if not init_in_projection(module):
+            super()._init_weights(module)
 
 
 class TokenPackerModel(TokenPackerPreTrainedModel):

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -81,6 +82,7 @@ def eager_attention_forward(
     return output, weights
 
 
+
 class TokenPackerMLP(nn.Module):
     """Two Linears with an activation between them (`fc1 -> act -> fc2`)."""
 
@@ -114,6 +116,10 @@ class TokenPackerRegionAttention(nn.Module):
         self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
         self.o_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        for projection in (self.q_proj, self.k_proj, self.v_proj):
+            # Read by `init_in_projection`. A flag on the Linear itself: transformers never calls `_init_weights`
+            # on a parameterless module such as this one in a model defined outside the library.
+            projection.is_attention_in_projection = True
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         regions, length, _ = states.shape
@@ -247,9 +253,16 @@ def build_projector(config: TokenPackerConfig) -> nn.Module:
     return PROJECTOR_CLASSES[config.projector_type](config)
 
 
-def region_attention_init_bound(embed_dim: int) -> float:
-    """Bound of the original's Xavier-uniform init of the stacked `[3E, E]` in-projection, per q/k/v third."""
-    return math.sqrt(6.0 / (embed_dim + 3 * embed_dim))
+def init_in_projection(module: nn.Module) -> bool:
+    """Xavier-initialises one of the region attention's q/k/v Linears as `nn.MultiheadAttention` initialises its
+    stacked `[3E, E]` in-projection (bias 0); returns False for any other module, which keeps transformers'
+    N(0, 0.02) / zero-bias init, the original's `_init_weights` for every other projector Linear."""
+    if not getattr(module, "is_attention_in_projection", False):
+        return False
+    bound = math.sqrt(6.0 / (module.in_features + 3 * module.out_features))  # fan_out of all three thirds
+    init.uniform_(module.weight, -bound, bound)
+    init.zeros_(module.bias)
+    return True
 
 
 __all__ = [
