@@ -5,7 +5,7 @@ recognition data (1,797 8×8 scans, 0–16 grey levels), and the answer is the d
 
     OUT_DIR/images/train_00000.png   RGB, G·cell px square, bright strokes on a dark background
     OUT_DIR/train.json               [{"id", "image", "conversations": [human "<image>\\nRead the digits.",
-                                      gpt "3 8 0 5"], "digit_indices": [sklearn sample index per cell]}]
+                                      gpt "3805"], "digit_indices": [sklearn sample index per cell]}]
     OUT_DIR/test.json, images/test_*.png
 
 The handwriting is split once, stratified by digit, into 1,400 training and 397 test samples with a fixed seed
@@ -100,7 +100,9 @@ def write_split(
         chosen = pool[rng.integers(0, len(pool), size=grid * grid)]  # with replacement: any G fits any pool
         name = f"images/{split}_{i:05d}.png"
         make_grid(images[chosen], cell, noise, rng).save(out_dir / name)
-        answer = " ".join(str(label) for label in digits.target[chosen])
+        # No separators: the k-th answer digit then sits at the same distance from the k-th image token for every
+        # k, a pattern a small language model with rotary positions learns far sooner than that of "3 8 0 5".
+        answer = "".join(str(label) for label in digits.target[chosen])
         records.append({
             "id": f"{split}_{i:05d}",
             "image": name,
