@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--projectors", nargs="+", choices=PROJECTORS, default=list(PROJECTORS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--steps", type=int, default=500, help="training steps of every run (the shared budget)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training grids per step")
     parser.add_argument("--num-train", type=int, default=4000, help="training grids")
     parser.add_argument("--eval-samples", type=int, default=500, help="held-out grids read by each model")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (timings are per this count)")
@@ -48,10 +49,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="raw JSON (default benchmarks/results/digits_comparison.json)")
     parser.add_argument("--doc", type=Path, help="markdown document for the table (default docs/digits.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default docs/digits_accuracy.png)")
-    parser.add_argument("--smoke", action="store_true", help="3 steps on 64 grids, outputs in a temporary folder")
+    parser.add_argument("--smoke", action="store_true", help="2 tiny steps per run, outputs in a temporary folder")
     args = parser.parse_args(argv)
     if args.smoke:
-        args.steps, args.num_train, args.eval_samples = 3, 64, 8
+        args.steps, args.batch_size, args.num_train, args.eval_samples = 2, 4, 8, 4
         # A smoke run must never overwrite the measured results.
         scratch = Path(tempfile.mkdtemp(prefix="digits-smoke-"))
         args.results = args.results or scratch / "digits_comparison.json"
@@ -75,6 +76,7 @@ def run_one(args: argparse.Namespace, projector: str, seed: int, data_dir: Path,
         "--eval_samples", str(args.eval_samples),
         "--threads", str(args.threads),
         "--max_steps", str(args.steps),
+        "--per_device_train_batch_size", str(args.batch_size),
         "--seed", str(seed),
         "--logging_steps", str(max(args.steps // 10, 1)),
     ]
@@ -117,6 +119,15 @@ def markdown_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
         f"mean ± std over seeds {settings['seeds']}.",
     ]
     return "\n".join(lines)
+
+
+def write_results(
+    path: Path, settings: dict[str, Any], runs: list[dict[str, Any]], complete: bool, summary: list | None = None
+) -> None:
+    """The raw runs (and, once complete, the per-projector summary) as JSON."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"complete": complete, "settings": settings, "summary": summary or [], "runs": runs}
+    path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def write_table(doc: Path, table: str) -> None:
@@ -162,26 +173,26 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     data_dir = args.data_dir or Path(tempfile.mkdtemp(prefix="digits-data-"))
     train.ensure_data(data_dir, args.num_train, args.eval_samples, seed=0)
-    encoded: dict = {}  # one encoded training split per token layout, shared by the runs
-    runs = []
-    for projector in args.projectors:
-        for seed in args.seeds:
-            print(f"== {projector}, seed {seed}", flush=True)
-            runs.append(run_one(args, projector, seed, data_dir, encoded))
-            print(json.dumps(runs[-1]), flush=True)
     settings = {
         "steps": args.steps,
-        "batch_size": runs[0]["batch_size"],
-        "learning_rate": runs[0]["learning_rate"],
-        "vision_tower": runs[0]["vision_tower"],
+        "batch_size": args.batch_size,
+        "vision_tower": "frozen",
         "num_train": args.num_train,
         "eval_samples": args.eval_samples,
         "threads": args.threads,
         "seeds": args.seeds,
     }
+    encoded: dict = {}  # one encoded training split per token layout, shared by the runs
+    runs = []
+    for seed in args.seeds:  # seed-major, so that a cut-off comparison still compares every projector
+        for projector in args.projectors:
+            print(f"== {projector}, seed {seed}", flush=True)
+            runs.append(run_one(args, projector, seed, data_dir, encoded))
+            print(json.dumps(runs[-1]), flush=True)
+            write_results(args.results, settings, runs, complete=False)  # a cut-off comparison keeps its runs
+    settings["learning_rate"] = runs[0]["learning_rate"]
     rows = summarize(runs)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    args.results.write_text(json.dumps({"settings": settings, "summary": rows, "runs": runs}, indent=2) + "\n")
+    write_results(args.results, settings, runs, complete=True, summary=rows)
     write_table(args.doc, markdown_table(rows, settings))
     plot(rows, runs, args.plot, settings)
     print(markdown_table(rows, settings))

@@ -7,7 +7,7 @@ with `tokenpacker_hf.training` (LLaVA-format dataset, collator, freezing presets
 `generate` on held-out grids whose handwriting never appears in training. The model and its processor (tokenizer
 and chat template included) are saved as a Hub-style folder that loads with `trust_remote_code=True`.
 
-    python examples/digits/train.py --output_dir out/digits --threads 1       # the shipped recipe, ~13 min
+    python examples/digits/train.py --output_dir out/digits --threads 1       # the shipped recipe, ~17 min
     python examples/digits/train.py --output_dir out/avg --projector_type avg_pool --freeze_vision_tower
 
 Any `TrainingArguments` flag works as well (`--learning_rate`, `--max_steps`, `--seed`, ...).
@@ -33,13 +33,13 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 import make_data
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
-from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, VOCAB_SIZE, make_tokenizer
+from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, make_tokenizer, text_config, vision_config
 from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_preset, model_card
 
 QUESTION = make_data.PROMPT.replace("<image>", "").strip()
 MODEL_CARD_REPO = "examples/models/tokenpacker-digits"  # where the shipped model lives, relative to the repo root
 
-# "USER: <image>\nRead the digits. ASSISTANT: 3 8 0 5</s>": the vicuna_v1 turn format without its ~150-token
+# "USER: <image>\nRead the digits. ASSISTANT: 3805</s>": the vicuna_v1 turn format without its ~150-token
 # system prompt, which on a byte-level vocabulary would triple the sequence and the cost of every step.
 # A system message, if given, is prepended as plain text.
 CHAT_TEMPLATE = (
@@ -84,28 +84,12 @@ class DigitsArguments:
 
 def digits_config(projector_type: str = "tokenpacker", scale_factor: int = 4) -> TokenPackerConfig:
     """The tiny model: 1.5M parameters (6 MB in float32) with the tokenpacker projector at s=4 (4 image tokens)."""
-    vision = dict(
-        model_type="clip_vision_model",
-        image_size=32,
-        patch_size=4,
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        projection_dim=128,
-    )
-    text = dict(
-        model_type="llama",
-        vocab_size=VOCAB_SIZE,
+    vision = vision_config(image_size=32, hidden_size=128, intermediate_size=512, projection_dim=128)
+    text = text_config(
         hidden_size=128,
         intermediate_size=352,
-        num_hidden_layers=2,
-        num_attention_heads=4,
         num_key_value_heads=4,
         max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
         tie_word_embeddings=True,
     )
     return TokenPackerConfig(
@@ -153,7 +137,7 @@ class CachedDataset(torch.utils.data.Dataset):
 
 
 def parse_digits(text: str) -> list[str]:
-    """The digits a generated answer names, in order ('3 8 0 5' -> ['3', '8', '0', '5'])."""
+    """The digits a generated answer names, in order ('3805' -> ['3', '8', '0', '5'])."""
     return re.findall(r"\d", text)
 
 
@@ -279,7 +263,7 @@ def save_folder(
     model: TokenPackerForConditionalGeneration, processor: TokenPackerProcessor, out: Path, results: dict[str, Any]
 ) -> None:
     """Model (safetensors + remote code), processor (tokenizer, chat template) and the measurements."""
-    # An answer is 4 digits, 3 spaces and </s>; the margin lets a confused model show it rather than be cut off.
+    # An answer is 4 digits and </s>; the margin lets a confused model show it rather than be cut off.
     model.generation_config.max_new_tokens = 16
     model.generation_config.do_sample = False
     model.save_pretrained(out)
@@ -307,7 +291,7 @@ def digits_model_card(
         f'tokenpacker-hf generate --model {MODEL_CARD_REPO} --image examples/digits/sample_grid.png --prompt "{QUESTION}"',
         "```",
         "",
-        "prints the four digits in raster order, e.g. `3 8 0 5`. Any 32×32 grid from `examples/digits/make_data.py` "
+        "prints the four digits in raster order, e.g. `3805`. Any 32×32 grid from `examples/digits/make_data.py` "
         "works (larger images are resized to 32×32).",
         "",
         "## Training and evaluation",
@@ -327,11 +311,11 @@ def digits_model_card(
 
 def parse_args(argv: list[str] | None = None) -> tuple[DigitsArguments, TrainingArguments]:
     parser = HfArgumentParser((DigitsArguments, TrainingArguments))
-    # The shipped recipe; lr 1e-3 is where a 2M-parameter model from scratch learns fastest without diverging.
+    # The shipped recipe. At lr 1e-3 this 1.5M-parameter model stays at chance (measured); 3e-4 learns steadily.
     parser.set_defaults(
-        max_steps=1500,
+        max_steps=2000,
         per_device_train_batch_size=32,
-        learning_rate=1e-3,
+        learning_rate=3e-4,
         lr_scheduler_type="cosine",
         warmup_steps=0.05,
         weight_decay=0.0,

@@ -1,0 +1,305 @@
+# Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
+"""TokenPacker multimodal model: a vision tower, the TokenPacker projector and any causal language model,
+following transformers' own LLaVA (v5) so `generate`, beam search, PEFT and the Trainer work unchanged."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils import torch_compilable_check
+
+from .configuration_tokenpacker import TokenPackerConfig
+from .projector_tokenpacker import build_projector, init_in_projection
+
+
+@dataclass
+class TokenPackerModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus `image_hidden_states`: the projected image features `[tokens, D_text]`."""
+
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class TokenPackerCausalLMOutputWithPast(ModelOutput):
+    """Causal-LM output plus `image_hidden_states`: the projected image features `[tokens, D_text]`."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+def tiles_per_image(image_grids: torch.Tensor) -> list[int]:
+    """Tiles the processor emits per image for `(rows, cols)` grids `[num_images, 2]`: rows·cols, plus the
+    global thumbnail when there is more than one tile."""
+    counts = image_grids.prod(dim=-1)
+    return torch.where(counts > 1, counts + 1, counts).tolist()
+
+
+def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, layers: list[int]) -> dict[int, torch.Tensor]:
+    """Runs a CLIP/SigLIP-style tower only up to the deepest layer in `layers`, keeping only those states.
+
+    Index 0 is the embedding output (after CLIP's `pre_layrnorm`), index i the output of encoder layer i,
+    as in `output_hidden_states`. `pixel_values [B, 3, H, W]` -> `{i: [B, N(+CLS), Dv]}`.
+    """
+    hidden = tower.embeddings(pixel_values)
+    pre_norm = getattr(tower, "pre_layrnorm", None)
+    if pre_norm is not None:
+        hidden = pre_norm(hidden)
+    kept = {0: hidden} if 0 in layers else {}
+    for index, layer in enumerate(tower.encoder.layers[: max(layers)], start=1):
+        hidden = layer(hidden, None)
+        if index in layers:
+            kept[index] = hidden
+    return kept
+
+
+class TokenPackerPreTrainedModel(PreTrainedModel):
+    config: TokenPackerConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["TokenPackerProjector", "MLPProjector", "AvgPoolProjector", "PixelShuffleProjector"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _can_compile_fullgraph = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module):
+        if not init_in_projection(module):
+            super()._init_weights(module)
+
+
+class TokenPackerModel(TokenPackerPreTrainedModel):
+    """Vision tower + projector + language model (without the LM head)."""
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        self.vision_tower = AutoModel.from_config(config.vision_config)
+        self.multi_modal_projector = build_projector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.language_model.set_input_embeddings(value)
+
+    def _check_pixel_values(self, pixel_values: torch.Tensor):
+        size = self.config.vision_config.image_size
+        expected = (self.config.vision_config.num_channels, size, size)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != expected:
+            raise ValueError(
+                f"pixel_values must have shape [tiles, {expected[0]}, {size}, {size}] for this vision tower, "
+                f"got {list(pixel_values.shape)}"
+            )
+
+    def get_vision_features(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The projector's inputs from the vision tower, which runs only as deep as they need.
+
+        Args:
+            pixel_values: `[tiles, 3, H, W]`.
+        Returns:
+            `query_features [tiles, G*G, Dv]` (the `vision_feature_layer` state) and, for the tokenpacker
+            projector, `region_features [tiles, G*G, L*Dv]` (the `region_feature_layers` states concatenated
+            on channels), else None. CLS is dropped under the "default" select strategy.
+        """
+        self._check_pixel_values(pixel_values)
+        config = self.config
+        # A frozen tower needs no graph: this also defeats the input-grad hook that gradient checkpointing
+        # puts on its patch embedding, which would otherwise keep and recompute all its activations.
+        tower_trains = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains):
+            states = run_vision_tower(
+                self.vision_tower, pixel_values.to(self.vision_tower.dtype), config.vision_layers_needed
+            )
+        first = 1 if config.vision_feature_select_strategy == "default" else 0
+        query_features = states[config.resolved_layer(config.vision_feature_layer)][:, first:]
+        if config.projector_type != "tokenpacker":
+            return query_features, None
+        region_levels = [states[config.resolved_layer(i)][:, first:] for i in config.region_feature_layers]
+        return query_features, torch.cat(region_levels, dim=-1)
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """Projected image features, one entry per image.
+
+        Args:
+            pixel_values: `[tiles, 3, H, W]`, all tiles of all images (one vision call).
+            image_grids: `[num_images, 2]` slice grids `(rows, cols)`; an image with rows·cols > 1 owns
+                rows·cols tiles plus its thumbnail. Without it every tile is its own image.
+        Returns:
+            `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `[tokens_i, D_text]` tensor per
+            image (tokens_i = tiles_i · T), and `last_hidden_state` the query features `[tiles, G*G, Dv]`.
+        """
+        query_features, region_features = self.get_vision_features(pixel_values)
+        projected = self.multi_modal_projector(query_features, region_features)
+        if image_grids is None:
+            per_image = list(projected)
+        else:
+            counts = tiles_per_image(image_grids)
+            if sum(counts) != projected.shape[0]:
+                raise ValueError(
+                    f"image_grids {image_grids.tolist()} describe {sum(counts)} tiles, but pixel_values holds "
+                    f"{projected.shape[0]}"
+                )
+            per_image = [tiles.flatten(0, 1) for tiles in torch.split(projected, counts)]
+        return BaseModelOutputWithPooling(last_hidden_state=query_features, pooler_output=per_image)
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.Tensor:
+        """`[B, L, 1]` mask of the `<image>` positions; checks there is exactly one per image feature row."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, dtype=torch.long, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        num_tokens, num_features = mask.sum(), image_features.shape[0]
+        torch_compilable_check(
+            num_tokens == num_features,
+            lambda: f"Image features and <image> tokens do not match: the text holds {int(num_tokens)} <image> "
+            f"tokens but the images give {num_features} features ({self.config.num_image_tokens} per tile)",
+        )
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> TokenPackerModelOutputWithPast:
+        """Embeds the text, writes each image's features over its `<image>` positions, runs the LM.
+
+        `input_ids [B, L]` (or `inputs_embeds [B, L, D_text]`), `pixel_values [tiles, 3, H, W]`,
+        `image_grids [num_images, 2]`; `mm_encoder_outputs["image"]` may carry precomputed features
+        (what `generate` passes after encoding the images once).
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and mm_encoder_outputs is not None:
+            raise ValueError("Pass either pixel_values or mm_encoder_outputs, not both")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_outputs = (mm_encoder_outputs or {}).get("image")
+        if image_outputs is None and pixel_values is not None:
+            image_outputs = self.get_image_features(pixel_values, image_grids=image_grids)
+        image_features = None
+        if image_outputs is not None:
+            image_features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return TokenPackerModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, GenerationMixin):
+    """TokenPacker with a language-modelling head: image(s) + text in, text out."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+
+    def __init__(self, config: TokenPackerConfig):
+        super().__init__(config)
+        self.model = TokenPackerModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module):
+        self.model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def get_image_features(
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutputWithPooling:
+        """See [`TokenPackerModel.get_image_features`]."""
+        return self.model.get_image_features(pixel_values, image_grids=image_grids, **kwargs)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        image_grids: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        **kwargs,
+    ) -> TokenPackerCausalLMOutputWithPast:
+        """As [`TokenPackerModel.forward`], then the LM head; `labels [B, L]` (-100 = ignored, as at image
+        positions) give the shifted causal-LM loss. `logits_to_keep` limits logits to the last positions."""
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            image_grids=image_grids,
+            mm_encoder_outputs=mm_encoder_outputs,
+            **kwargs,
+        )
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return TokenPackerCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+
+__all__ = [
+    "TokenPackerPreTrainedModel",
+    "TokenPackerModel",
+    "TokenPackerForConditionalGeneration",
+    "run_vision_tower",
+    "tiles_per_image",
+]

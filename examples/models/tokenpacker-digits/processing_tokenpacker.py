@@ -1,0 +1,351 @@
+# Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
+"""Processor of TokenPacker: images and prompts in, the exact token layout of the original models out.
+
+Each `<image>` in a prompt is expanded at the id level (never by string replacement, so separators cannot merge
+with neighbouring text) into the layout the original TokenPacker / TokenPacker-HD models were trained with:
+T image ids in pad/square mode; in slice mode, per grid row the row's tiles joined by the tile separator and
+closed by the row separator, then the thumbnail and a row separator.
+"""
+
+from typing import Any
+
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
+
+from .image_processing_tokenpacker import (
+    TokenPackerImageProcessor,
+    TokenPackerImagesKwargs,
+    flatten_images,
+    num_tiles,
+)
+
+VICUNA_V1_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the user's questions."
+)
+
+# The `vicuna_v1` conversation of the original (`llava/conversation.py`, sep " ", sep2 "</s>"):
+# "{system} USER: <image>\n{question} ASSISTANT:" and answers closed as " ASSISTANT: {answer}</s>". As in the
+# original's `preprocess_multimodal`, a user turn's images come first, each followed by "\n".
+VICUNA_V1_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
+    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
+    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
+    "{{- ns.system + ' ' -}}"
+    "{%- for message in loop_messages -%}"
+    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
+    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}{%- endif -%}"
+    "{%- if message['content'] is string -%}{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
+    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
+    "{%- endif -%}"
+    "{%- if message['role'] == 'assistant' -%}{{- '</s>' -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
+)
+
+
+class TokenPackerProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: TokenPackerImagesKwargs
+
+
+def count_image_tokens(rows: int, cols: int, tokens_per_tile: int, image_mode: str = "slice") -> int:
+    """Sequence positions one image takes: `T` in pad/square mode; in slice mode `T + 1` for a 1×1 grid and
+    `(n + 1)(T + 1)` for n = rows·cols > 1 (n tiles and the thumbnail, each followed by one separator)."""
+    if image_mode != "slice":
+        return tokens_per_tile
+    return num_tiles((rows, cols)) * (tokens_per_tile + 1)
+
+
+class TokenPackerProcessor(ProcessorMixin):
+    r"""
+    Wraps a tokenizer and a [`TokenPackerImageProcessor`] into a single processor.
+
+    Args:
+        image_processor ([`TokenPackerImageProcessor`]): Its `image_mode` decides the token layout.
+        tokenizer ([`PreTrainedTokenizerBase`]): Must know `image_token` as a single token.
+        chat_template (`str`, *optional*): Defaults to the original `vicuna_v1` prompt format.
+        image_token (`str`, defaults to `"<image>"`): Placeholder, one per image, in prompts.
+        num_image_tokens (`int`, defaults to 144): Tokens per tile T = (G/s)² of the model
+            (`config.num_image_tokens`); see [`~TokenPackerProcessor.from_config`].
+        tile_separator, row_separator (`str` or `int`, default `","` and `"\n"`): Slice-mode separators. A
+            string is looked up with `tokenizer.convert_tokens_to_ids` as the original does; with the LLaMA
+            vocabulary `"\n"` is no token and falls back to `<unk>` (id 0), which is what the released
+            TokenPacker-HD models saw. An int is used as the id itself.
+
+    Calling it returns `input_ids`, `attention_mask` (from real padding only: the separator can equal the pad
+    id), and with images `pixel_values` `[total_tiles, 3, S, S]` and `image_grids` `[num_images, 2]`.
+    """
+
+    valid_processor_kwargs = TokenPackerProcessorKwargs
+
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        num_image_tokens: int = 144,
+        tile_separator: str | int = ",",
+        row_separator: str | int = "\n",
+        **kwargs,
+    ):
+        if chat_template is None:
+            chat_template = VICUNA_V1_CHAT_TEMPLATE
+        if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
+            raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
+        self.image_token = image_token
+        self.num_image_tokens = num_image_tokens
+        self.tile_separator = tile_separator
+        self.row_separator = row_separator
+        super().__init__(image_processor, tokenizer, chat_template=chat_template, **kwargs)
+
+    @classmethod
+    def from_config(cls, config: Any, image_processor=None, tokenizer=None, **kwargs) -> "TokenPackerProcessor":
+        """A processor matching a `TokenPackerConfig`: T = `config.num_image_tokens`, and a default image
+        processor with the vision tower's tile size when none is given."""
+        if image_processor is None:
+            image_processor = TokenPackerImageProcessor.from_vision_config(config.vision_config)
+        if image_processor.tile_size != config.vision_config.image_size:
+            raise ValueError(
+                f"image_processor.tile_size ({image_processor.tile_size}) must equal the vision tower's "
+                f"image_size ({config.vision_config.image_size})"
+            )
+        kwargs.setdefault("num_image_tokens", config.num_image_tokens)
+        return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    @property
+    def image_token_id(self) -> int:
+        """Id of `image_token`; it must be a single token of the tokenizer."""
+        token_id = self.tokenizer.convert_tokens_to_ids(self.image_token)
+        if token_id is None or token_id == self.tokenizer.unk_token_id:
+            raise ValueError(
+                f"the tokenizer has no token {self.image_token!r} (got id {token_id}); add it as a special token "
+                f"(and resize the model's embeddings) first"
+            )
+        return token_id
+
+    def _separator_id(self, separator: str | int) -> int:
+        if isinstance(separator, int):
+            return separator
+        token_id = self.tokenizer.convert_tokens_to_ids(separator)
+        if token_id is None:  # the original's slow LLaMA tokenizer returns unk for unknown pieces
+            token_id = self.tokenizer.unk_token_id
+        return token_id
+
+    @property
+    def separator_ids(self) -> tuple[int, int]:
+        """(tile separator id, row separator id) as inserted in slice mode."""
+        return self._separator_id(self.tile_separator), self._separator_id(self.row_separator)
+
+    @property
+    def image_mode(self) -> str:
+        return self.image_processor.image_mode
+
+    def image_token_layout(self, grid: tuple[int, int], image_mode: str | None = None) -> list[int]:
+        """Ids replacing one `<image>` with tile grid (rows, cols), in the original's layout.
+
+        Pad/square: T image ids. Slice: for each row `F , F , ... F \\n`, then if rows·cols > 1 the thumbnail
+        `F \\n`, where F is a run of T image ids, `,` the tile separator id and `\\n` the row separator id.
+        """
+        image_mode = image_mode or self.image_mode
+        tile = [self.image_token_id] * self.num_image_tokens
+        if image_mode != "slice":
+            return tile
+        tile_separator, row_separator = self.separator_ids
+        rows, cols = grid
+        row = (tile + [tile_separator]) * (cols - 1) + tile + [row_separator]
+        layout = row * rows
+        if rows * cols > 1:
+            layout += tile + [row_separator]
+        return layout
+
+    def __call__(
+        self,
+        images: Any = None,
+        text: str | list[str] | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Tokenises `text`, expands each `<image>` into its token layout and preprocesses `images`.
+
+        Args:
+            images: one image, a list (in prompt order across the batch) or one list per prompt.
+            text: a prompt or a list of prompts, with one `image_token` per image.
+            padding, padding_side, truncation, max_length, pad_to_multiple_of, return_tensors, ...: as for
+                tokenizers. Padding happens after expansion; truncation never cuts an image's tokens.
+
+        Returns:
+            `BatchFeature` with `input_ids` and `attention_mask` (lists, or `[batch, seq]` with
+            `return_tensors="pt"`), plus `pixel_values` `[total_tiles, 3, S, S]` and `image_grids`
+            `[num_images, 2]` when images are given.
+        """
+        if text is None:
+            raise ValueError("expected a prompt (text) with one image token per image, got text=None")
+        texts = [text] if isinstance(text, str) else list(text)
+        if not all(isinstance(prompt, str) for prompt in texts):
+            raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        output_kwargs = self._merge_kwargs(
+            TokenPackerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
+        )
+        text_kwargs = output_kwargs["text_kwargs"]
+        images_kwargs = output_kwargs["images_kwargs"]
+        return_tensors = text_kwargs.pop("return_tensors", None)
+
+        tokenized = self.tokenizer(
+            texts,
+            add_special_tokens=text_kwargs.get("add_special_tokens", True),
+            padding=False,
+            truncation=False,
+            return_attention_mask=False,
+        )["input_ids"]
+        image_token_id = self.image_token_id
+        images_per_prompt = [ids.count(image_token_id) for ids in tokenized]
+        image_list = self._check_image_counts(images, images_per_prompt)
+
+        data: dict[str, Any] = {}
+        grids: list[tuple[int, int]] = []
+        if image_list:
+            image_inputs = self.image_processor(image_list, **{**images_kwargs, "return_tensors": "pt"})
+            data.update(image_inputs)
+            grids = [tuple(grid) for grid in image_inputs["image_grids"].tolist()]
+        image_mode = images_kwargs.get("image_mode") or self.image_mode
+
+        sequences, image_spans = [], []
+        grid_iter = iter(grids)
+        for ids in tokenized:
+            sequence, spans = [], []
+            for token_id in ids:
+                if token_id == image_token_id:
+                    layout = self.image_token_layout(next(grid_iter), image_mode)
+                    spans.append((len(sequence), len(sequence) + len(layout)))
+                    sequence.extend(layout)
+                else:
+                    sequence.append(token_id)
+            sequences.append(sequence)
+            image_spans.append(spans)
+
+        if text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
+            sequences = self._truncate(sequences, image_spans, text_kwargs.get("max_length"))
+        input_ids, attention_mask = self._pad(sequences, text_kwargs)
+        if return_tensors is not None and len({len(ids) for ids in input_ids}) > 1:
+            raise ValueError(
+                f"prompts expand to different lengths {[len(ids) for ids in input_ids]}; pass padding=True to "
+                f"return tensors"
+            )
+        return BatchFeature(
+            data={"input_ids": input_ids, "attention_mask": attention_mask, **data}, tensor_type=return_tensors
+        )
+
+    def _check_image_counts(self, images: Any, images_per_prompt: list[int]) -> list[Any]:
+        """The flat image list, after checking it holds exactly one image per image token (per prompt if
+        images come as one list per prompt)."""
+        expected = sum(images_per_prompt)
+        if images is None:
+            if expected:
+                raise ValueError(
+                    f"the prompts hold {expected} {self.image_token} tokens ({images_per_prompt} per prompt) but "
+                    f"no images were given"
+                )
+            return []
+        nested = (
+            isinstance(images, (list, tuple))
+            and len(images) == len(images_per_prompt)
+            and all(isinstance(item, (list, tuple)) for item in images)
+        )
+        if nested:
+            found = [len(flatten_images(item)) for item in images]
+            if found != images_per_prompt:
+                raise ValueError(
+                    f"expected {images_per_prompt} images per prompt (one per {self.image_token} token), "
+                    f"got {found}"
+                )
+        image_list = flatten_images(images)
+        if len(image_list) != expected:
+            raise ValueError(
+                f"expected {expected} images (one per {self.image_token} token in the prompts, "
+                f"{images_per_prompt} per prompt), got {len(image_list)} images"
+            )
+        return image_list
+
+    def _truncate(
+        self, sequences: list[list[int]], image_spans: list[list[tuple[int, int]]], max_length: int | None
+    ) -> list[list[int]]:
+        """Sequences cut to `max_length` on the tokenizer's truncation side; raises rather than cutting into
+        (or dropping) an image's tokens."""
+        if max_length is None:
+            max_length = self.tokenizer.model_max_length
+        left = self.tokenizer.truncation_side == "left"
+        truncated = []
+        for index, (sequence, spans) in enumerate(zip(sequences, image_spans)):
+            if len(sequence) <= max_length:
+                truncated.append(sequence)
+                continue
+            if spans:
+                # Shortest length that keeps every image whole: from the first image's start (left truncation)
+                # or up to the last image's end (right truncation).
+                needed = len(sequence) - spans[0][0] if left else spans[-1][1]
+                if needed > max_length:
+                    raise ValueError(
+                        f"truncation to max_length={max_length} would cut the image tokens of prompt {index}: it "
+                        f"needs at least {needed} tokens to keep its {len(spans)} image(s) whole "
+                        f"({len(sequence)} tokens in all); raise max_length or use fewer/smaller images"
+                    )
+            truncated.append(sequence[-max_length:] if left else sequence[:max_length])
+        return truncated
+
+    def _pad(self, sequences: list[list[int]], text_kwargs: dict) -> tuple[list[list[int]], list[list[int]]]:
+        """Pads after expansion; the attention mask marks real tokens, never derived from token ids."""
+        padding = text_kwargs.get("padding", False)
+        max_length = text_kwargs.get("max_length")
+        multiple = text_kwargs.get("pad_to_multiple_of")
+        side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+        longest = max((len(sequence) for sequence in sequences), default=0)
+        if padding in (True, "longest"):
+            target = longest
+        elif padding == "max_length":
+            target = max_length if max_length is not None else self.tokenizer.model_max_length
+        else:
+            return [list(sequence) for sequence in sequences], [[1] * len(sequence) for sequence in sequences]
+        if multiple:
+            target = -(-target // multiple) * multiple
+        pad_id = self.tokenizer.pad_token_id
+        if pad_id is None and any(len(sequence) < target for sequence in sequences):
+            raise ValueError("padding needs tokenizer.pad_token_id, but the tokenizer has no pad token")
+        input_ids, attention_mask = [], []
+        for sequence in sequences:
+            pad = max(0, target - len(sequence))
+            if side == "left":
+                input_ids.append([pad_id] * pad + sequence)
+                attention_mask.append([0] * pad + [1] * len(sequence))
+            else:
+                input_ids.append(sequence + [pad_id] * pad)
+                attention_mask.append([1] * len(sequence) + [0] * pad)
+        return input_ids, attention_mask
+
+    def _get_num_multimodal_tokens(self, image_sizes: list[tuple[int, int]] | None = None, **kwargs) -> MultiModalData:
+        """Per image (height, width): the positions its `<image>` expands to and the tiles it yields, without
+        running the image processor on pixels.
+
+        Returns:
+            `MultiModalData(num_image_tokens=[...], num_image_patches=[...])`.
+        """
+        if image_sizes is None:
+            return MultiModalData()
+        image_mode = kwargs.get("image_mode") or self.image_mode
+        grids = [self.image_processor.get_image_grid(height, width, image_mode) for height, width in image_sizes]
+        return MultiModalData(
+            num_image_tokens=[count_image_tokens(*grid, self.num_image_tokens, image_mode) for grid in grids],
+            num_image_patches=[num_tiles(grid) for grid in grids],
+        )
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "image_grids"]
+
+
+__all__ = ["TokenPackerProcessor", "count_image_tokens", "VICUNA_V1_CHAT_TEMPLATE", "VICUNA_V1_SYSTEM"]
