@@ -27,12 +27,12 @@ from reference.original_tokenpacker import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 from subprocess_utils import run_without_package
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
+from tokenpacker_hf.tiny import byte_level_backend
 from tokenpacker_hf.convert_tokenpacker_original import (
     ConversionError,
     build_config,
@@ -56,17 +56,10 @@ TINY_LM = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_at
 def llama_like_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level tokenizer with LLaMA's special ids (`<unk>` 0, `<s>` 1, `</s>` 2) and, like the released
     checkpoints, no `<image>` token; "\\n" is no token, so it maps to `<unk>` as in LLaMA's vocabulary."""
-    specials = ["<unk>", "<s>", "</s>"]
-    vocab = {token: i for i, token in enumerate(specials)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(specials)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>"
-    )
+        tokenizer_object=byte_level_backend(["<unk>", "<s>", "</s>"]),
+        bos_token="<s>", eos_token="</s>", unk_token="<unk>", pad_token="<unk>",
+    )  # fmt: skip
 
 
 class Original:

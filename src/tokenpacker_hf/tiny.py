@@ -13,21 +13,27 @@ SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<image>"]
 IMAGE_TOKEN_ID = SPECIAL_TOKENS.index("<image>")
 
 
+def byte_level_backend(special_tokens: list[str]) -> Tokenizer:
+    """A byte-level BPE with no merges: `special_tokens` (ids 0, 1, ..., `<unk>` among them) then the 256 byte
+    symbols. Every text encodes, one token per byte, so no vocabulary file is needed."""
+    vocab = {token: i for i, token in enumerate(special_tokens)}
+    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[symbol] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.add_special_tokens(special_tokens)
+    return backend
+
+
 def make_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: 5 special tokens + 256 byte symbols (vocab 261).
 
     `<image>` is a single special token (id 4). Like LLaMA's vocabulary it has a ',' piece but no literal '\\n'
     piece ('\\n' is the byte symbol 'Ċ'), so `convert_tokens_to_ids("\\n")` falls back to `<unk>`.
     """
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS)}
-    for symbol in sorted(pre_tokenizers.ByteLevel.alphabet()):
-        vocab[symbol] = len(vocab)
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    backend.add_special_tokens(SPECIAL_TOKENS)
     return PreTrainedTokenizerFast(
-        tokenizer_object=backend,
+        tokenizer_object=byte_level_backend(SPECIAL_TOKENS),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
