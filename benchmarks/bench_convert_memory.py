@@ -1,6 +1,6 @@
 """Peak memory of `tokenpacker-hf convert` on a synthetic multi-GB original checkpoint.
 
-Writes an original-layout TokenPacker checkpoint (spec §2: `LlavaLlamaForCausalLM` keys with the real CLIP
+Writes an original-layout TokenPacker checkpoint (`LlavaLlamaForCausalLM` keys with the real CLIP
 ViT-L/14-336 tower, the projector at its real widths and a Llama LM; fp16 `.bin` shards with an index, a 32000-token
 tokenizer without `<image>`, so the vocabulary-padding path runs), converts it with the command line in a child
 process and reports that child's peak resident memory (`ru_maxrss` from `os.wait4`) next to the largest shard and

@@ -208,7 +208,7 @@ def prompt_ids(image_layout: list[int], batch: int, vocab: int, device: str) -> 
 
 
 def slice_layout(rows: int, cols: int, tokens_per_tile: int, tile_sep: int, row_sep: int) -> list[int]:
-    """TokenPacker-HD's layout of one image (spec §3.5): rows of `F , F … F \\n`, then the thumbnail `F \\n`."""
+    """TokenPacker-HD's layout of one image: rows of `F , F … F \\n`, then the thumbnail `F \\n`."""
     tile = [IMAGE_TOKEN_ID] * tokens_per_tile
     layout = ((tile + [tile_sep]) * (cols - 1) + tile + [row_sep]) * rows
     if rows * cols > 1:

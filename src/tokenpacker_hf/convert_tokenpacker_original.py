@@ -1,5 +1,5 @@
 # Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
-"""Convert the authors' LLaVA-format TokenPacker checkpoints (spec §2) into this package's layout.
+"""Convert the authors' LLaVA-format TokenPacker checkpoints into this package's layout (docs/conversion.md).
 
 `convert_original_checkpoint(src, dst)` turns a released folder (`sunshine-lwt/TokenPacker-*`: a
 `LlavaLlamaForCausalLM` saved by the authors' fork of LLaVA-1.5) into a folder that loads anywhere with
@@ -35,14 +35,14 @@ DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 IMAGE_TOKEN = "<image>"
 
-# The original's `feature_select` hard-codes its key/value levels (spec §1.1) and `TokenPacker` its head width
-# (`num_heads = 1024 // 128`, spec §1.7); OpenAI's CLIP towers all use 64-wide heads.
+# The original's `feature_select` hard-codes its key/value levels and `TokenPacker` its head width
+# (`num_heads = 1024 // 128`); OpenAI's CLIP towers all use 64-wide heads.
 ORIGINAL_REGION_LAYERS = [12, 16, 22, 23]
 ORIGINAL_HEAD_DIM = 128
 CLIP_HEAD_DIM = 64
 CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, image_size=336, patch_size=14)
 
-# Token budget in the released repo names (spec §2.4) -> scale factor.
+# Token budget in the released repo names -> scale factor.
 _NAME_SCALE_FACTORS = {144: 2, 64: 3, 36: 4}
 _IMAGE_MODES = {"pad": "pad", "slice": "slice", "square": "square"}
 
@@ -89,7 +89,7 @@ def convert_original_projector_state_dict(state_dict: dict[str, torch.Tensor]) -
     """Original projector keys (no prefix, e.g. `clip_attn.in_proj_weight`) -> TokenPackerProjector keys.
 
     `nn.MultiheadAttention`'s stacked `in_proj_weight [3E, E]` / `in_proj_bias [3E]` is split into the
-    `q_proj`, `k_proj`, `v_proj` thirds, in that order (spec §1.5).
+    `q_proj`, `k_proj`, `v_proj` thirds, in that order.
     """
     converted, unexpected = {}, []
     for key, tensor in state_dict.items():
@@ -238,7 +238,7 @@ def read_original_config(folder: Path) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Resolving what the original code reads from the config (spec §2.3, §2.4)
+# Resolving what the original code reads from the config
 
 
 def _resolve(field: str, override: int | None, found: int | None, source: str) -> int | None:
@@ -575,7 +575,7 @@ def convert_original_checkpoint(
     """Converts an original TokenPacker / TokenPacker-HD checkpoint into a `from_pretrained` folder.
 
     Args:
-        src: a local folder or a Hub repo id in the original layout (spec §2): `config.json`, `.bin` or safetensors
+        src: a local folder or a Hub repo id in the original layout: `config.json`, `.bin` or safetensors
             shards (with index), tokenizer files.
         dst: the output folder; must not exist or be empty. Written to a temporary sibling and renamed at the end,
             so a failed conversion leaves nothing.
