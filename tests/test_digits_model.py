@@ -137,11 +137,10 @@ def test_shipped_sample_is_a_held_out_grid_the_generator_makes(tmp_path):
     assert truths == ["3168"]
 
 
-def readme_main_command() -> str | None:
-    """The first fenced block after README's `<!-- main-command -->` marker, or None while there is no marker."""
+def readme_main_command() -> str:
+    """The first fenced block after README's `<!-- main-command -->` marker."""
     readme = (REPO / "README.md").read_text()
-    if "<!-- main-command -->" not in readme:
-        return None
+    assert "<!-- main-command -->" in readme, "README.md must mark its first command with <!-- main-command -->"
     block = re.search(r"```[a-z]*\n(.*?)```", readme.split("<!-- main-command -->", 1)[1], re.S)
     assert block, "no fenced code block after <!-- main-command -->"
     return block.group(1).strip()
@@ -149,8 +148,6 @@ def readme_main_command() -> str | None:
 
 def test_readme_main_command_prints_the_sample_digits():
     command = readme_main_command()
-    if command is None:
-        pytest.skip("README.md has no <!-- main-command --> marker yet")
     step = command.replace("\\\n", " ").split("&&")[-1].strip()
     assert step.startswith("tokenpacker-hf generate "), f"the main command should end in generate, got {step!r}"
     words = shlex.split(step)
