@@ -20,10 +20,16 @@ assert importlib.util.find_spec("tokenpacker_hf") is None, "tokenpacker_hf is st
 
 
 def run_without_package(
-    code: str, cwd: str | os.PathLike, env_extra: dict[str, str] | None = None, timeout: float = 120
+    code: str,
+    cwd: str | os.PathLike,
+    env_extra: dict[str, str] | None = None,
+    timeout: float = 120,
+    python: str = sys.executable,
+    args: tuple[str, ...] = (),
 ) -> subprocess.CompletedProcess:
-    """Runs `code` with this venv's python in `cwd`, offline, with a private `HF_HOME` under `cwd` and
-    `tokenpacker_hf` made unimportable. Returns the finished process (text stdout/stderr); check `returncode`."""
+    """Runs `code` (with `sys.argv[1:] = args`) with `python` (default: this venv's) in `cwd`, offline, with a
+    private `HF_HOME` under `cwd` and `tokenpacker_hf` made unimportable. Returns the finished process (text
+    stdout/stderr); check `returncode`."""
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     env.update(
         HF_HOME=str(Path(cwd) / "hf_home"),
@@ -33,7 +39,7 @@ def run_without_package(
     )
     env.update(env_extra or {})
     return subprocess.run(
-        [sys.executable, "-c", _HIDE_PACKAGE + code],
+        [python, "-c", _HIDE_PACKAGE + code, *args],
         cwd=str(cwd),
         env=env,
         capture_output=True,

@@ -2,19 +2,23 @@
 """TokenPacker multimodal model: a vision tower, the TokenPacker projector and any causal language model,
 following transformers' own LLaVA (v5) so `generate`, beam search, PEFT and the Trainer work unchanged."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from transformers import AutoModel
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
-from transformers.utils import torch_compilable_check
+from transformers.utils import can_return_tuple, torch_compilable_check
 
 from .configuration_tokenpacker import TokenPackerConfig
 from .projector_tokenpacker import build_projector, init_in_projection
+
+# The KV cache's name in outputs, language-model forwards and `generate`: transformers 5.24 renamed
+# `past_key_values` to `cache`. Read off the installed output class, so a saved folder keeps working on both.
+CACHE_NAME = "cache" if "cache" in {field.name for field in fields(CausalLMOutputWithPast)} else "past_key_values"
 
 
 @dataclass
@@ -25,15 +29,17 @@ class TokenPackerModelOutputWithPast(BaseModelOutputWithPast):
 
 
 @dataclass
-class TokenPackerCausalLMOutputWithPast(ModelOutput):
-    """Causal-LM output plus `image_hidden_states`: the projected image features `[tokens, D_text]`."""
+class TokenPackerCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `image_hidden_states`: the projected image features `[tokens, D_text]`."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
     image_hidden_states: torch.Tensor | None = None
+
+
+def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """The KV cache passed under either name (`cache` from transformers 5.24 on, `past_key_values` before)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the KV cache as `cache` or as `past_key_values`, not both")
+    return cache if cache is not None else past_key_values
 
 
 def tiles_per_image(image_grids: torch.Tensor) -> list[int]:
@@ -67,7 +73,7 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _no_split_modules = ["TokenPackerProjector", "MLPProjector", "AvgPoolProjector", "PixelShuffleProjector"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = [CACHE_NAME]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -177,24 +183,29 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> TokenPackerModelOutputWithPast:
         """Embeds the text, writes each image's features over its `<image>` positions, runs the LM.
 
         `input_ids [B, L]` (or `inputs_embeds [B, L, D_text]`), `pixel_values [tiles, 3, H, W]`,
         `image_grids [num_images, 2]`; `mm_encoder_outputs["image"]` may carry precomputed features
-        (what `generate` passes after encoding the images once).
+        (what `generate` passes after encoding the images once). The KV cache comes as `cache` or, as
+        transformers before 5.24 names it, `past_key_values`; the output names it as the installed version
+        does. `return_dict=False` gives the output's non-None fields as a tuple.
         """
+        cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds")
         if pixel_values is not None and mm_encoder_outputs is not None:
@@ -214,16 +225,17 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
+            return_dict=True,
+            **{CACHE_NAME: cache},
             **kwargs,
         )
         return TokenPackerModelOutputWithPast(
             last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=image_features,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
@@ -253,18 +265,20 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         """See [`TokenPackerModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_grids=image_grids, **kwargs)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         image_grids: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
+        past_key_values: Cache | None = None,
         **kwargs,
     ) -> TokenPackerCausalLMOutputWithPast:
         """As [`TokenPackerModel.forward`], then the LM head; `labels [B, L]` (-100 = ignored, as at image
@@ -274,10 +288,11 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=resolve_cache(cache, past_key_values),
             inputs_embeds=inputs_embeds,
             image_grids=image_grids,
             mm_encoder_outputs=mm_encoder_outputs,
+            return_dict=True,
             **kwargs,
         )
         logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
@@ -289,10 +304,10 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         return TokenPackerCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             image_hidden_states=outputs.image_hidden_states,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
         )
 
 
@@ -300,6 +315,7 @@ __all__ = [
     "TokenPackerPreTrainedModel",
     "TokenPackerModel",
     "TokenPackerForConditionalGeneration",
+    "resolve_cache",
     "run_vision_tower",
     "tiles_per_image",
 ]

@@ -1,11 +1,30 @@
 # Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
 """Configuration of TokenPacker: a vision tower, the TokenPacker projector and a causal language model."""
 
+from importlib.metadata import version
 from typing import Literal
 
-from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig
-from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+from packaging.version import Version  # a dependency of transformers itself
+
+# The oldest transformers release these modules run on, the floor CI tests. It is checked before anything
+# version-specific is imported, so an older install fails here with one line instead of deep inside transformers.
+MIN_TRANSFORMERS_VERSION = "5.23.0"
+
+
+def check_transformers_version(installed: str) -> None:
+    """Raises ImportError naming `installed` and the required version when `installed` is below the floor."""
+    if Version(installed) < Version(MIN_TRANSFORMERS_VERSION):
+        raise ImportError(
+            f"TokenPacker needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers {installed} is "
+            f"installed; upgrade with: pip install -U 'transformers>={MIN_TRANSFORMERS_VERSION}'"
+        )
+
+
+check_transformers_version(version("transformers"))
+
+from huggingface_hub.dataclasses import strict  # noqa: E402
+from transformers import AutoConfig  # noqa: E402
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # noqa: E402
 
 PROJECTOR_TYPES = ("tokenpacker", "mlp", "avg_pool", "pixel_shuffle")
 
