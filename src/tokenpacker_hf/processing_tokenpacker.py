@@ -186,9 +186,11 @@ class TokenPackerProcessor(ProcessorMixin):
         """
         if text is None:
             raise ValueError("expected a prompt (text) with one image token per image, got text=None")
-        texts = [text] if isinstance(text, str) else list(text)
-        if not all(isinstance(prompt, str) for prompt in texts):
+        texts = [text] if isinstance(text, str) else list(text) if isinstance(text, (list, tuple)) else None
+        if texts is None or not all(isinstance(prompt, str) for prompt in texts):
             raise ValueError(f"text must be a string or a list of strings, got {type(text).__name__}")
+        if not texts:
+            raise ValueError("expected at least one prompt, got an empty list of texts")
         output_kwargs = self._merge_kwargs(
             TokenPackerProcessorKwargs, tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs
         )
@@ -203,6 +205,9 @@ class TokenPackerProcessor(ProcessorMixin):
             truncation=False,
             return_attention_mask=False,
         )["input_ids"]
+        empty = [index for index, ids in enumerate(tokenized) if not ids]
+        if empty:
+            raise ValueError(f"expected prompts that give at least one token, but prompts {empty} give none")
         image_token_id = self.image_token_id
         images_per_prompt = [ids.count(image_token_id) for ids in tokenized]
         image_list = self._check_image_counts(images, images_per_prompt)

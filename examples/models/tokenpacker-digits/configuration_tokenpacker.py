@@ -28,6 +28,10 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # 
 
 PROJECTOR_TYPES = ("tokenpacker", "mlp", "avg_pool", "pixel_shuffle")
 
+# Keys only the authors' LLaVA-format config.json has. Such a folder would otherwise load as the default config
+# (its model_type "llava" merely earns a warning) and then as a model with random weights.
+ORIGINAL_CONFIG_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")
+
 # Saved into config.json so a folder loads with AutoModel as well as AutoModelForImageTextToText under
 # trust_remote_code: save_pretrained alone records only the auto class of the object being saved.
 AUTO_MAP = {
@@ -123,6 +127,18 @@ class TokenPackerConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """As `PreTrainedConfig.from_dict`, refusing the authors' unconverted LLaVA-format configs."""
+        original = [key for key in ORIGINAL_CONFIG_KEYS if key in config_dict]
+        if original:
+            raise ValueError(
+                f"expected a converted TokenPacker config (model_type 'tokenpacker'), got an original LLaVA-format "
+                f"checkpoint config (model_type {config_dict.get('model_type')!r}, keys {original}); convert the "
+                f"checkpoint first: tokenpacker-hf convert SRC DST"
+            )
+        return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)

@@ -42,6 +42,12 @@ def resolve_cache(cache: Cache | None, past_key_values: Cache | None) -> Cache |
     return cache if cache is not None else past_key_values
 
 
+def left_padding_mask(input_ids: torch.LongTensor, pad_token_id: int) -> torch.LongTensor:
+    """`[B, L]` mask that is 0 on each row's leading run of `pad_token_id` and 1 from its first other token on,
+    so pad ids inside a prompt (HD row separators) stay visible."""
+    return (input_ids != pad_token_id).cumsum(dim=-1).clamp(max=1)
+
+
 def tiles_per_image(image_grids: torch.Tensor) -> list[int]:
     """Tiles the processor emits per image for `(rows, cols)` grids `[num_images, 2]`: rows·cols, plus the
     global thumbnail when there is more than one tile."""
@@ -183,6 +189,18 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    def check_no_image_tokens(self, input_ids: torch.LongTensor | None):
+        """Raises if `input_ids` holds `<image>` tokens: without images they would be read as an ordinary word.
+        Only for a prompt's first pass, since a model may well generate the `<image>` id itself."""
+        if input_ids is None:
+            return
+        num_tokens = (input_ids == self.config.image_token_id).sum()
+        torch_compilable_check(
+            num_tokens == 0,
+            lambda: f"expected pixel_values (or mm_encoder_outputs) for the {int(num_tokens)} <image> tokens in "
+            f"input_ids, got none",
+        )
+
     @can_return_tuple
     def forward(
         self,
@@ -216,6 +234,8 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
             image_outputs = self.get_image_features(pixel_values, image_grids=image_grids)
+        if image_outputs is None and cache is None:  # `generate` always passes a cache, and checks the prompt
+            self.check_no_image_tokens(input_ids)
         image_features = None
         if image_outputs is not None:
             image_features = torch.cat(image_outputs.pooler_output).to(inputs_embeds.device, inputs_embeds.dtype)
@@ -264,6 +284,21 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
     ) -> BaseModelOutputWithPooling:
         """See [`TokenPackerModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_grids=image_grids, **kwargs)
+
+    def generate(self, inputs: torch.Tensor | None = None, generation_config=None, **kwargs):
+        """`GenerationMixin.generate`; `<image>` tokens in the prompt need `pixel_values`, and without an
+        `attention_mask` only left padding is masked.
+
+        transformers would otherwise mask every pad id, but in TokenPacker-HD prompts the row separator is the
+        LLaMA `<unk>` id, which is also the pad id: the separators inside a prompt would be hidden.
+        """
+        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
+        if kwargs.get("pixel_values") is None and kwargs.get("mm_encoder_outputs") is None:
+            self.model.check_no_image_tokens(input_ids)
+        pad_token_id = kwargs.get("pad_token_id", (generation_config or self.generation_config).pad_token_id)
+        if kwargs.get("attention_mask") is None and isinstance(input_ids, torch.Tensor) and pad_token_id is not None:
+            kwargs["attention_mask"] = left_padding_mask(input_ids, pad_token_id)
+        return super().generate(inputs, generation_config, **kwargs)
 
     @can_return_tuple
     def forward(
@@ -315,6 +350,7 @@ __all__ = [
     "TokenPackerPreTrainedModel",
     "TokenPackerModel",
     "TokenPackerForConditionalGeneration",
+    "left_padding_mask",
     "resolve_cache",
     "run_vision_tower",
     "tiles_per_image",
