@@ -197,6 +197,11 @@ AUDITED_IMPORTS = {
     ("huggingface_hub.dataclasses", "strict"): "test_configuration.py (field validation)",
     ("transformers", "AutoConfig"): "test_configuration.py",
     ("transformers", "AutoModel"): "test_modeling.py",
+    ("transformers", "AutoModelForCausalLM"): "test_compose.py",
+    ("transformers", "AutoImageProcessor"): "test_compose.py (the tower's normalisation)",
+    ("transformers", "AutoTokenizer"): "test_compose.py",
+    ("transformers.models.auto.modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
+        "test_compose.py::test_an_llm_that_is_not_a_causal_lm_is_named",
     ("transformers", "initialization"): "test_projector.py::test_fresh_model_initialises_the_projector_like_the_original",
     ("transformers.activations", "ACT2FN"): "test_projector.py (oracle parity)",
     ("transformers.cache_utils", "Cache"): "this file",

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -269,6 +269,59 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         self.model = TokenPackerModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        processor=None,
+        dtype: torch.dtype = torch.float32,
+        **config_kwargs,
+    ) -> "TokenPackerForConditionalGeneration":
+        """A new TokenPacker model from a pretrained vision tower and a pretrained causal LM (the paper's stage 1
+        starts here): their weights exactly as saved, a freshly initialised projector.
+
+        Args:
+            vision_model_name_or_path: a CLIP / SigLIP checkpoint (Hub id or folder): a whole `CLIPModel` /
+                `SiglipModel` (only its vision half is read) or a `*VisionModel`.
+            text_model_name_or_path: any `AutoModelForCausalLM` checkpoint; its LM head comes along, tied or
+                untied as it was saved.
+            processor: the [`TokenPackerProcessor`] from `TokenPackerProcessor.from_vision_text_pretrained` with
+                the same arguments: its `<image>` id is used, and the embeddings grow to its tokenizer's length
+                (new rows initialised as `resize_token_embeddings` does).
+            dtype: of every weight, projector included.
+            config_kwargs: `TokenPackerConfig` fields (`scale_factor`, `region_feature_layers`, ...), validated
+                before any weight is read.
+        """
+        config_kwargs.setdefault("image_token_index", processor.image_token_id if processor is not None else 32000)
+        config = TokenPackerConfig.from_vision_text_configs(
+            AutoConfig.from_pretrained(vision_model_name_or_path),
+            AutoConfig.from_pretrained(text_model_name_or_path),
+            **config_kwargs,
+        )
+        if processor is not None and processor.num_image_tokens != config.num_image_tokens:
+            raise ValueError(
+                f"the processor expands <image> to {processor.num_image_tokens} tokens but this config packs "
+                f"{config.num_image_tokens}; build both with the same arguments"
+            )
+        # The skeleton is built on the meta device and takes the loaded modules as they are: no weight is held twice.
+        with torch.device("meta"):
+            model = cls(config)
+        tower_class = type(model.model.vision_tower)
+        tower = tower_class.from_pretrained(vision_model_name_or_path, config=config.vision_config, dtype=dtype)
+        language_model = AutoModelForCausalLM.from_pretrained(text_model_name_or_path, dtype=dtype)
+        model.model.vision_tower = tower
+        model.model.language_model = language_model.base_model
+        model.lm_head = language_model.get_output_embeddings()
+        model.model.multi_modal_projector = build_projector(config).to(dtype)
+        model.model.multi_modal_projector.apply(model._init_weights)
+        model.generation_config = language_model.generation_config
+        if processor is not None:
+            model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+            if len(processor.tokenizer) != config.text_config.vocab_size:
+                model.resize_token_embeddings(len(processor.tokenizer))
+        return model.eval()
 
     def get_input_embeddings(self) -> nn.Module:
         return self.model.get_input_embeddings()

@@ -25,11 +25,15 @@ check_transformers_version(version("transformers"))
 from huggingface_hub.dataclasses import strict  # noqa: E402
 from transformers import AutoConfig  # noqa: E402
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec  # noqa: E402
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES  # noqa: E402
 
 PROJECTOR_TYPES = ("tokenpacker", "mlp", "avg_pool", "pixel_shuffle")
 
 # Keys only the authors' LLaVA-format config.json has. Such a folder would otherwise load as the default config
 # (its model_type "llava" merely earns a warning) and then as a model with random weights.
+# What a vision tower's config needs for the patch grid and the layer indices.
+VIT_CONFIG_FIELDS = ("image_size", "patch_size", "hidden_size", "num_hidden_layers")
+
 ORIGINAL_CONFIG_KEYS = ("mm_vision_tower", "mm_projector_type", "mm_hidden_size")
 
 # Saved into config.json so a folder loads with AutoModel as well as AutoModelForImageTextToText under
@@ -127,6 +131,33 @@ class TokenPackerConfig(PreTrainedConfig):
     projector_hidden_act: str = "gelu"
     initializer_range: float = 0.02
     tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_vision_text_configs(
+        cls, vision_config: PreTrainedConfig, text_config: PreTrainedConfig, **kwargs
+    ) -> "TokenPackerConfig":
+        """The config of a new model made of a pretrained vision tower and a pretrained causal LM.
+
+        `vision_config` may be a whole `CLIPConfig` / `SiglipConfig` (its vision half is taken) or a `*VisionConfig`
+        of a ViT-style tower; `text_config` any causal LM's. Towers without a CLS token (SigLIP) default to the
+        "full" select strategy. `kwargs` are further TokenPackerConfig fields; everything is validated here, before
+        any weight is read.
+        """
+        vision_config = getattr(vision_config, "vision_config", vision_config)
+        missing = [name for name in VIT_CONFIG_FIELDS if not hasattr(vision_config, name)]
+        if missing:
+            raise ValueError(
+                f"expected a CLIP/SigLIP-style ViT vision tower, got model_type {vision_config.model_type!r}, "
+                f"whose config has no {missing}"
+            )
+        if text_config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"expected a causal language model (a model type AutoModelForCausalLM knows), got model_type "
+                f"{text_config.model_type!r}"
+            )
+        without_cls = vision_config.model_type.startswith("siglip")
+        kwargs.setdefault("vision_feature_select_strategy", "full" if without_cls else "default")
+        return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
     @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):

@@ -9,15 +9,44 @@ closed by the row separator, then the thumbnail and a row separator.
 
 from typing import Any
 
+from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
+from .configuration_tokenpacker import TokenPackerConfig
 from .image_processing_tokenpacker import (
     TokenPackerImageProcessor,
     TokenPackerImagesKwargs,
     flatten_images,
     num_tiles,
 )
+
+def with_image_and_pad_tokens(tokenizer: Any, image_token: str = "<image>") -> Any:
+    """`tokenizer` with `image_token` as one special token (added when absent) and a pad token (`<unk>`, else the
+    end-of-sequence token, when it has none). Raises if `image_token` still encodes to several tokens."""
+    if image_token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([image_token], special_tokens=True)
+    image_token_id = tokenizer.convert_tokens_to_ids(image_token)
+    ids = tokenizer.encode(f"a{image_token}b", add_special_tokens=False)
+    if ids.count(image_token_id) != 1:
+        pieces = tokenizer.convert_ids_to_tokens(tokenizer.encode(image_token, add_special_tokens=False))
+        raise ValueError(
+            f"expected {image_token!r} to be one token of the tokenizer, but it encodes as {pieces}; make it a "
+            f"special token (tokenizer.add_tokens([{image_token!r}], special_tokens=True))"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.unk_token if tokenizer.unk_token is not None else tokenizer.eos_token
+    return tokenizer
+
+
+def tower_normalisation(vision_model_name_or_path: str) -> dict[str, list[float]]:
+    """`image_mean` and `image_std` from a vision checkpoint's preprocessor config; {} when it has none."""
+    try:
+        tower_processor = AutoImageProcessor.from_pretrained(vision_model_name_or_path)
+    except OSError:
+        return {}
+    return {"image_mean": list(tower_processor.image_mean), "image_std": list(tower_processor.image_std)}
+
 
 VICUNA_V1_SYSTEM = (
     "A chat between a curious user and an artificial intelligence assistant. "
@@ -118,6 +147,40 @@ class TokenPackerProcessor(ProcessorMixin):
             )
         kwargs.setdefault("num_image_tokens", config.num_image_tokens)
         return cls(image_processor=image_processor, tokenizer=tokenizer, **kwargs)
+
+    @classmethod
+    def from_vision_text_pretrained(
+        cls,
+        vision_model_name_or_path: str,
+        text_model_name_or_path: str,
+        image_mode: str = "pad",
+        max_slices: int = 9,
+        chat_template: str | None = None,
+        image_token: str = "<image>",
+        **config_kwargs,
+    ) -> "TokenPackerProcessor":
+        """The processor of a new model composed with `TokenPackerForConditionalGeneration.from_vision_text_pretrained`
+        (pass it the same `config_kwargs`, and this processor).
+
+        The tokenizer is the LLM's, with `image_token` added as a special token when absent and a pad token (its
+        `<unk>`, else its end-of-sequence token) when it has none; the image processor tiles at the tower's
+        `image_size` and normalises with the tower's own mean and std (CLIP's when the checkpoint has no
+        preprocessor config); `chat_template` defaults to the original `vicuna_v1` format.
+        """
+        config = TokenPackerConfig.from_vision_text_configs(
+            AutoConfig.from_pretrained(vision_model_name_or_path),
+            AutoConfig.from_pretrained(text_model_name_or_path),
+            **config_kwargs,
+        )
+        tokenizer = with_image_and_pad_tokens(AutoTokenizer.from_pretrained(text_model_name_or_path), image_token)
+        image_processor = TokenPackerImageProcessor.from_vision_config(
+            config.vision_config, image_mode=image_mode, max_slices=max_slices,
+            **tower_normalisation(vision_model_name_or_path),
+        )
+        return cls.from_config(
+            config, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+            image_token=image_token,
+        )
 
     @property
     def image_token_id(self) -> int:
