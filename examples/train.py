@@ -5,6 +5,12 @@ One process (CPU or one GPU):
     python examples/train.py --model_name_or_path PATH --data_path data.json --image_folder images \
         --preset stage2 --output_dir out --per_device_train_batch_size 16 --learning_rate 2e-5
 
+From a pretrained vision tower and LLM instead of a TokenPacker folder (the paper's stage 1; stage 2 then takes
+stage 1's output as --model_name_or_path):
+
+    python examples/train.py --vision_tower openai/clip-vit-large-patch14-336 \
+        --language_model lmsys/vicuna-7b-v1.5 --scale_factor 2 --preset stage1 --learning_rate 1e-3 ...
+
 Several processes, unchanged (DDP; add a DeepSpeed or FSDP config from examples/configs/ for large models):
 
     torchrun --nproc_per_node 8 examples/train.py ... --deepspeed examples/configs/zero2.json
@@ -24,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
 
+from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.training import PRESETS, LlavaDataset, TokenPackerCollator, apply_preset
 
 logger = logging.getLogger("tokenpacker_hf.train")
@@ -31,7 +38,18 @@ logger = logging.getLogger("tokenpacker_hf.train")
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: str = field(metadata={"help": "TokenPacker model folder or Hub repo (with its processor)."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "TokenPacker model folder or Hub repo (with its processor)."}
+    )
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "Start from parts instead: a CLIP/SigLIP checkpoint (with --language_model)."}
+    )
+    language_model: str | None = field(default=None, metadata={"help": "A causal LM checkpoint (with --vision_tower)."})
+    scale_factor: int = field(default=2, metadata={"help": "From parts: s, (G/s)^2 tokens per image tile."})
+    region_feature_layers: list[int] | None = field(
+        default=None, metadata={"help": "From parts: tower layers for the region keys (default 12 16 22 23)."}
+    )
+    image_mode: str = field(default="pad", metadata={"help": "From parts: pad, or slice for TokenPacker-HD."})
     preset: str = field(default="stage2", metadata={"help": f"What trains: one of {PRESETS}."})
     unfreeze_vision_tower: bool = field(default=False, metadata={"help": "Also train the vision tower."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (preset lora)."})
@@ -68,17 +86,38 @@ def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments]:
     return parser.parse_args_into_dataclasses()
 
 
+def load_model_and_processor(args: ModelArguments):
+    """A TokenPacker folder, or a new model composed from `--vision_tower` and `--language_model`."""
+    from_parts = args.vision_tower is not None and args.language_model is not None
+    if from_parts == (args.model_name_or_path is not None):
+        raise SystemExit("error: give either --model_name_or_path, or both --vision_tower and --language_model")
+    dtype = getattr(torch, args.dtype)
+    if not from_parts:
+        processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+        model = AutoModelForImageTextToText.from_pretrained(
+            args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation,
+            trust_remote_code=args.trust_remote_code,
+        )
+        return model, processor
+    config = {"scale_factor": args.scale_factor}
+    if args.region_feature_layers:
+        config["region_feature_layers"] = args.region_feature_layers
+    processor = TokenPackerProcessor.from_vision_text_pretrained(
+        args.vision_tower, args.language_model, image_mode=args.image_mode, **config
+    )
+    model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
+        args.vision_tower, args.language_model, processor=processor, dtype=dtype, **config
+    )
+    if args.attn_implementation:
+        model.set_attn_implementation(args.attn_implementation)
+    return model, processor
+
+
 def main():
     model_args, data_args, training_args = parse_args()
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
 
-    processor = AutoProcessor.from_pretrained(model_args.model_name_or_path, trust_remote_code=model_args.trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(
-        model_args.model_name_or_path,
-        dtype=getattr(torch, model_args.dtype),
-        attn_implementation=model_args.attn_implementation,
-        trust_remote_code=model_args.trust_remote_code,
-    )
+    model, processor = load_model_and_processor(model_args)
     model = apply_preset(
         model,
         model_args.preset,

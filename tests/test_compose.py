@@ -2,6 +2,11 @@
 (`from_vision_text_pretrained`): the parts' weights bit for bit, a fresh projector, the tokenizer with `<image>`,
 the tower's normalisation, validation before loading, and the composed folder through remote code."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -24,10 +29,12 @@ from transformers import (
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from subprocess_utils import run_without_package
+from test_training import small_dataset
 from tiny import text_config, vision_config
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.tiny import byte_level_backend
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 TOWER = dict(region_feature_layers=[1, 2, 3], projector_hidden_size=32, projector_num_heads=2)
 LLM_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # no <image>: composing must add it
 
@@ -290,3 +297,45 @@ def test_an_image_token_the_tokenizer_splits_is_named(tmp_path):
     save_clip(tmp_path / "clip", whole=False)
     with pytest.raises(ValueError, match="expected '<image>' to be one token of the tokenizer, but it encodes as"):
         TokenPackerProcessor.from_vision_text_pretrained(tmp_path / "clip", folder, **TOWER)
+
+
+# --- the paper's recipe from parts: stage 1, then stage 2 ------------------------------------------------
+
+
+def run_train(tmp_path, *args: str) -> None:
+    command = [sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--data_path", str(small_dataset(tmp_path)),
+               "--image_folder", str(tmp_path / "images"), "--max_steps", "2", "--per_device_train_batch_size", "2",
+               "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-2", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_train_py_stage1_from_parts_trains_only_the_projector_and_stage2_continues_from_it(parts, tmp_path):
+    root, sources = parts
+    run_train(tmp_path, "--vision_tower", str(root / "clip"), "--language_model", str(root / "llama"),
+              "--region_feature_layers", "1", "2", "3", "--preset", "stage1", "--output_dir", str(tmp_path / "s1"))
+    stage1 = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "s1")
+    after = stage1.state_dict()
+    # Everything but the projector is still its source, byte for byte (the new <image> row aside, which
+    # resize_token_embeddings draws at random).
+    assert_equal_tensors(stage1.model.vision_tower.state_dict(), vision_state(sources["clip"]))
+    llm = sources["llama"].state_dict()
+    vocab = llm["model.embed_tokens.weight"].shape[0]
+    for name, tensor in llm.items():
+        ours = after["lm_head.weight" if name == "lm_head.weight" else f"model.language_model.{name[6:]}"]
+        assert torch.equal(ours[:vocab] if "embed" in name or "lm_head" in name else ours, tensor), name
+
+    run_train(tmp_path, "--model_name_or_path", str(tmp_path / "s1"), "--preset", "stage2",
+              "--output_dir", str(tmp_path / "s2"))
+    stage2 = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "s2").state_dict()
+    changed = {name for name in after if not torch.equal(after[name], stage2[name])}
+    assert any(".language_model." in name for name in changed) and any(".multi_modal_projector." in name
+                                                                        for name in changed)
+    assert not any(".vision_tower." in name for name in changed)
+
+
+def test_train_py_needs_a_folder_or_both_parts(parts, tmp_path):
+    root, _ = parts
+    with pytest.raises(AssertionError, match="give either --model_name_or_path, or both --vision_tower and"):
+        run_train(tmp_path, "--vision_tower", str(root / "clip"), "--output_dir", str(tmp_path / "out"))
