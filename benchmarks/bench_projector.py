@@ -34,7 +34,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -224,6 +224,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
+    parser.add_argument("--matmul-size", type=int,
+                        help="side of the reference square matmul (default 2048, smoke 128); a big GPU needs "
+                             "~8192 to reach its peak rate")
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/projector_<device>.json)")
     return parser.parse_args(argv)
 
@@ -232,6 +235,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
     shapes = SMOKE if args.smoke else FULL
+    if args.matmul_size:
+        shapes = replace(shapes, matmul_size=args.matmul_size)
     repeats = 3 if args.smoke else args.repeats
     out = args.out or REPO / "benchmarks" / "results" / f"projector_{args.device.split(':')[0]}.json"
     ours, oracle = build_pair(shapes)
