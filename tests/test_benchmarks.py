@@ -195,3 +195,13 @@ def test_plot_gpu_names_missing_stages(tmp_path):
     assert "No result (not run)." in report
     assert (tmp_path / "gpu.png").stat().st_size > 0
 
+
+def test_bench_compose_memory_smoke(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    run_script("bench_compose_memory.py", "--workdir", str(workdir), "--output", str(tmp_path / "result.json"))
+    report = json.loads((tmp_path / "result.json").read_text())
+    assert report["peak_rss_bytes"] > 0 and report["llm_shards"] == 3
+    assert report["model_bytes"] == report["tower_bytes"] + report["llm_bytes"] > 0
+    assert report["peak_over_model"] == report["peak_rss_bytes"] / report["model_bytes"]
+    assert not any(workdir.iterdir())  # both parts are cleaned up
