@@ -22,16 +22,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import subprocess
 import sys
 import tempfile
-from importlib.metadata import version
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_convert_memory import CLIP_L_336, TINY_TOWER, run_measured, split_into_shards, word_tokenizer  # noqa: E402
+from bench_convert_memory import (  # noqa: E402
+    CLIP_L_336,
+    TINY_TOWER,
+    machine_and_versions,
+    run_measured,
+    split_into_shards,
+    word_tokenizer,
+    write_report,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -145,12 +151,9 @@ def main() -> None:
         "peak_minus_baseline_over_model": None if baseline is None else (peak - baseline) / total,
         "compose_seconds": round(seconds, 1),
         "smoke": args.smoke,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "versions": {"python": platform.python_version(), "torch": version("torch"),
-                     "transformers": version("transformers"), "safetensors": version("safetensors")},  # fmt: skip
+        **machine_and_versions(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.output)
     baseline_text = "-" if baseline is None else f"{baseline / gib:.2f} GiB"
     print(f"| tower + LLM | peak RSS | peak / model | import baseline |\n|---|---|---|---|\n"
           f"| {tower_bytes / gib:.2f} + {llm_bytes / gib:.2f} GiB ({llm_shards} shards) | {peak / gib:.2f} GiB | "

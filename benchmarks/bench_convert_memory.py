@@ -136,6 +136,20 @@ def write_original(folder: Path, args: argparse.Namespace) -> list[int]:
     return sizes
 
 
+def machine_and_versions() -> dict:
+    """What a memory figure depends on besides the checkpoint: the machine and the library versions."""
+    return {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
+        "versions": {"python": platform.python_version(), "torch": version("torch"),
+                     "transformers": version("transformers"), "safetensors": version("safetensors")},  # fmt: skip
+    }
+
+
+def write_report(report: dict, output: Path) -> None:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2) + "\n")
+
+
 def run_measured(command: list[str]) -> tuple[int, float]:
     """Runs `command` as a child; returns its own peak RSS in bytes (Linux reports KiB) and its wall time."""
     start = time.perf_counter()
@@ -186,12 +200,9 @@ def main() -> None:
         "peak_minus_baseline_over_largest_shard": None if baseline is None else (peak - baseline) / max(sizes),
         "convert_seconds": round(seconds, 1),
         "smoke": args.smoke,
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "versions": {"python": platform.python_version(), "torch": version("torch"),
-                     "transformers": version("transformers"), "safetensors": version("safetensors")},  # fmt: skip
+        **machine_and_versions(),
     }
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
+    write_report(report, args.output)
     baseline_text = "-" if baseline is None else f"{baseline / gib:.2f} GiB"
     print(f"| checkpoint | largest shard | peak RSS | peak / largest shard | peak / total | import baseline |\n"
           f"|---|---|---|---|---|---|\n"
