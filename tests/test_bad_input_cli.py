@@ -96,7 +96,8 @@ DAMAGES: dict[str, Callable[[Path], None]] = {
         ("empty_config", "info", ["cannot load the config of", "not a valid JSON file"]),
         ("config_is_a_list", "info", ["cannot load the config of", "model_type"]),
         ("config_scale_factor_does_not_divide_grid", "info",
-         ["cannot load the config of", "scale_factor must divide the patch grid side 4", "allowed values: [1, 2, 4], got 5"]),
+         ["cannot load the config of", "scale_factor must divide the patch grid side 4",
+          "allowed values: [1, 2, 4], got 5"]),
         ("config_scale_factor_does_not_divide_grid", "generate", ["scale_factor must divide the patch grid side 4"]),
         ("config_feature_layer_out_of_range", "info", ["vision_feature_layer must index", "got 40"]),
         ("config_field_of_wrong_type", "info", ["cannot load the config of", "'vision_config' with value 5"]),
@@ -118,7 +119,8 @@ def test_damaged_model_folder_is_one_error_line(damage, command, expected, model
 def test_model_that_is_not_tokenpacker_is_refused_by_generate(tmp_path, image_files, capsys):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    config = LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
+    config.save_pretrained(tmp_path)
     code, out, err = run_cli(generate_argv(tmp_path, image_files[0]), capsys)
     assert_one_error_line(code, out, err, "holds a 'llama' model, not a TokenPacker one")
 
@@ -220,7 +222,8 @@ def timed_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 @pytest.mark.parametrize("command", ["info", "generate"])
 def test_repo_that_does_not_exist_fails_at_once(command, hub, image_files, capsys):
-    argv = ["info", "nobody/no-such-model"] if command == "info" else generate_argv("nobody/no-such-model", image_files[0])
+    missing = "nobody/no-such-model"
+    argv = ["info", missing] if command == "info" else generate_argv(missing, image_files[0])
     assert_one_error_line(*timed_cli(argv, capsys), f"the Hub at {hub.url} has no model repo nobody/no-such-model")
 
 

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from hub_server import LocalHub, closed_port_url, point_clients_at
-from safetensors.torch import save_file
 from test_convert import TINY_LM, TINY_TOWER, Original, tiny_original  # noqa: F401  (fixture)
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
@@ -91,7 +90,8 @@ SHARD_DAMAGE: dict[str, tuple[str, Callable[[Path], None], list[str]]] = {
     "truncated_safetensors": ("safetensors", truncate, ["the file is truncated or not a safetensors file"]),
     "garbage_safetensors": ("safetensors", lambda p: p.write_bytes(b"\x00\xff" * 300),
                             ["the file is truncated or not a safetensors file"]),
-    "empty_safetensors": ("safetensors", lambda p: p.write_bytes(b""), ["the file is truncated or not a safetensors file"]),
+    "empty_safetensors": ("safetensors", lambda p: p.write_bytes(b""),
+                          ["the file is truncated or not a safetensors file"]),
     "truncated_bin": ("bin", truncate, ["the file is truncated or damaged", "failed finding central directory"]),
     "empty_bin": ("bin", lambda p: p.write_bytes(b""), ["the file is truncated or damaged"]),
     "truncated_legacy_bin": ("bin", lambda p: (torch.save(torch.load(p, weights_only=True), p,
@@ -132,10 +132,13 @@ def test_unreadable_shard_is_named(case, tmp_path, tiny_original, capsys):
         ("config.json", b"{garbage", ["config.json: not valid JSON (Expecting property name", "at line 1 column 2"]),
         ("config.json", b"", ["config.json: not valid JSON (Expecting value at line 1 column 1)"]),
         ("config.json", b"[1, 2]", ["config.json: expected a JSON object, found a list"]),
-        ("config.json", b'{"vocab_size": "caf\xe9"}', ["config.json: expected UTF-8 JSON, found a byte 0xE9 at offset 19"]),
+        ("config.json", b'{"vocab_size": "caf\xe9"}',
+         ["config.json: expected UTF-8 JSON, found a byte 0xE9 at offset 19"]),
         ("model.safetensors.index.json", b"{", ["model.safetensors.index.json: not valid JSON"]),
-        ("model.safetensors.index.json", b'{"metadata": {}}', ['model.safetensors.index.json: expected a "weight_map"']),
-        ("model.safetensors.index.json", b'{"weight_map": {"a": 3}}', ['expected a "weight_map" of weight names to shard']),
+        ("model.safetensors.index.json", b'{"metadata": {}}',
+         ['model.safetensors.index.json: expected a "weight_map"']),
+        ("model.safetensors.index.json", b'{"weight_map": {"a": 3}}',
+         ['expected a "weight_map" of weight names to shard']),
     ],
 )  # fmt: skip
 def test_broken_json_file_is_named(file, content, fragments, tmp_path, tiny_original, capsys):
@@ -253,8 +256,8 @@ def test_source_repo_that_does_not_exist_fails_at_once(hub, tmp_path, capsys):
 
 def test_vision_tower_repo_that_does_not_exist_fails_at_once(hub, tmp_path, tiny_original, capsys):
     src = tiny_original.write(tmp_path / "src", with_tower=False)
-    timed_refusal(src, tmp_path / "out", HubError, "vision tower 'nobody/no-clip': ", "has no model repo nobody/no-clip",
-                  capsys=capsys, vision_tower="nobody/no-clip")  # fmt: skip
+    timed_refusal(src, tmp_path / "out", HubError, "vision tower 'nobody/no-clip': ",
+                  "has no model repo nobody/no-clip", capsys=capsys, vision_tower="nobody/no-clip")  # fmt: skip
 
 
 @pytest.mark.parametrize("status", [500, 502])

@@ -118,7 +118,8 @@ def test_broken_jsonl_line_is_skipped_and_named_by_its_line_number(tmp_path, cap
 
 def test_jsonl_with_only_broken_lines_is_unusable(tmp_path):
     path = write_data(tmp_path, "data.jsonl", jsonl("{", "[1, 2"))
-    with pytest.raises(ValueError, match=r"data\.jsonl: none of its 2 samples is usable \(skipped: \{'invalid_json': 2\}\)"):
+    expected = r"data\.jsonl: none of its 2 samples is usable \(skipped: \{'invalid_json': 2\}\)"
+    with pytest.raises(ValueError, match=expected):
         LlavaDataset(path, tiny_processor(), tmp_path / "images")
 
 
@@ -151,7 +152,8 @@ def test_record_of_the_wrong_shape_is_a_counted_skip(case, name, tmp_path):
 
 
 def test_image_path_that_is_a_folder_is_a_missing_image(tmp_path):
-    path = write_llava_dataset(tmp_path, [GOOD, qa("<image>\nAnd this?", "No.", "a_folder.png")], {"good.png": (16, 16, 1)})
+    records = [GOOD, qa("<image>\nAnd this?", "No.", "a_folder.png")]
+    path = write_llava_dataset(tmp_path, records, {"good.png": (16, 16, 1)})
     (tmp_path / "images" / "a_folder.png").mkdir()
     dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
     assert len(dataset) == 1 and dataset.skipped == {"missing_image": 1}

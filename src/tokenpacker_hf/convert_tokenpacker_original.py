@@ -208,8 +208,8 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
         repo = locate_repo(name)
     except HubError as error:
         raise HubError(f"{what} {name!r}: {error}") from None
-    weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in repo.files) else [
-        "*.bin", "*.bin.index.json"]  # fmt: skip
+    has_safetensors = any(file.endswith(".safetensors") for file in repo.files)
+    weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
     try:
         return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", *weights],
                                       local_files_only=repo.cached_only))  # fmt: skip
@@ -259,7 +259,9 @@ def open_safetensors(path: Path) -> Iterator[Any]:
     try:
         shard = safe_open(path, framework="pt")
     except SafetensorError as error:
-        raise ConversionError(f"cannot read {path}: the file is truncated or not a safetensors file ({one_line(error)})")
+        raise ConversionError(
+            f"cannot read {path}: the file is truncated or not a safetensors file ({one_line(error)})"
+        ) from None
     with shard as opened:
         yield opened
 
@@ -283,9 +285,13 @@ def load_bin(path: Path) -> Any:
                 "plain containers are loaded (torch.load(weights_only=True)), since unpickling other objects can run "
                 "code; re-save the state dict with torch.save or as safetensors"
             ) from None
-        raise ConversionError(f"cannot read {path}: it is not a PyTorch checkpoint ({_first_sentence(error)})") from None
+        raise ConversionError(
+            f"cannot read {path}: it is not a PyTorch checkpoint ({_first_sentence(error)})"
+        ) from None
     except (RuntimeError, EOFError) as error:
-        raise ConversionError(f"cannot read {path}: the file is truncated or damaged ({_first_sentence(error)})") from None
+        raise ConversionError(
+            f"cannot read {path}: the file is truncated or damaged ({_first_sentence(error)})"
+        ) from None
 
 
 def _first_sentence(error: BaseException) -> str:
@@ -296,7 +302,9 @@ def _first_sentence(error: BaseException) -> str:
 def check_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
     """`loaded` if it is a state dict (weight names -> tensors), else a ConversionError naming what is not."""
     if not isinstance(loaded, dict):
-        raise ConversionError(f"{path}: expected a state dict (weight names -> tensors), found a {type(loaded).__name__}")
+        raise ConversionError(
+            f"{path}: expected a state dict (weight names -> tensors), found a {type(loaded).__name__}"
+        )
     wrong = [f"{key} ({type(value).__name__})" for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
     if wrong:
         raise ConversionError(f"{path}: expected only tensors, found {len(wrong)} other value(s): {_listing(wrong)}")
@@ -326,7 +334,9 @@ def read_json(path: Path) -> dict:
         raise ConversionError(f"{path}: expected UTF-8 JSON, found a byte 0x{error.object[error.start]:02X} "
                               f"at offset {error.start} that is not UTF-8") from None  # fmt: skip
     except json.JSONDecodeError as error:
-        raise ConversionError(f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})") from None
+        raise ConversionError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
     if not isinstance(content, dict):
         raise ConversionError(f"{path}: expected a JSON object, found a {type(content).__name__}")
     return content
@@ -687,7 +697,9 @@ def remove_stale_staging(dst: Path) -> list[Path]:
         if owner is None or owner.get("host") != socket.gethostname() or _process_running(owner["pid"]):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        logger.warning("Removed %s, left by a conversion into %s that was killed (process %d)", folder, dst, owner["pid"])
+        logger.warning(
+            "Removed %s, left by a conversion into %s that was killed (process %d)", folder, dst, owner["pid"]
+        )
         removed.append(folder)
     return removed
 

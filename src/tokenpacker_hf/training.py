@@ -206,7 +206,9 @@ def load_llava_records(data_path: str | os.PathLike) -> list[Any]:
     """
     text = read_utf8_text(data_path)
     if not text.strip():
-        raise ValueError(f"{data_path}: the file is empty; expected LLaVA samples (a JSON list, or one per line in .jsonl)")
+        raise ValueError(
+            f"{data_path}: the file is empty; expected LLaVA samples (a JSON list, or one per line in .jsonl)"
+        )
     if str(data_path).endswith(".jsonl"):
         # Split on "\n" only: JSON strings may hold other line separators (U+2028) unescaped.
         return [_parse_jsonl_line(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
