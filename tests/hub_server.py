@@ -13,6 +13,10 @@ files are refused with a 400.
 
 For a subprocess, pass `env=hub_env(hub, tmp_path / "hf_home")` instead: `huggingface_hub` reads `HF_ENDPOINT` at
 import time.
+
+Failures to test against: `hub.outage = 500` makes the server answer every request with that status (no
+route runs), and `closed_port_url()` is an endpoint where nothing listens. Both `point_clients_at` and `hub_env`
+take such a URL in place of a `LocalHub`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import hashlib
 import json
 import os
 import re
+import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -81,6 +86,8 @@ class HubStore:
     repos: dict[str, Repo] = field(default_factory=dict)
     requests: list[tuple[str, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
+    outage: int | None = None
+    """When set, every request is answered with this HTTP status, as during a Hub outage."""
 
     def create_repo(self, repo_id: str) -> Repo:
         """Creates `repo_id` with one empty initial commit (the real Hub's first commit adds .gitattributes)."""
@@ -149,8 +156,12 @@ class HubHandler(BaseHTTPRequestHandler):
         store = self.server.store
         with store.lock:
             store.requests.append((method, path))
+            outage = store.outage
         # Read the body before routing: on a keep-alive connection an unread body would corrupt the next request.
         self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        if outage is not None:
+            self._send(outage, {"error": f"the local hub is answering {outage} to every request"})
+            return
         route = next(((name, match) for route_method, pattern, name in self.ROUTES
                       if route_method == method and (match := pattern.fullmatch(path))), None)
         if route is None:
@@ -327,6 +338,16 @@ class LocalHub:
         with self.store.lock:
             return list(self.store.requests)
 
+    @property
+    def outage(self) -> int | None:
+        """The status every request gets while set (see `HubStore.outage`); None serves normally."""
+        return self.store.outage
+
+    @outage.setter
+    def outage(self, status: int | None) -> None:
+        with self.store.lock:
+            self.store.outage = status
+
     def files(self, repo_id: str) -> dict[str, bytes]:
         """The files at the head of `repo_id` (KeyError if it was never created)."""
         with self.store.lock:
@@ -338,14 +359,28 @@ _ENV_THAT_WOULD_INTERFERE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_C
                              "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE")
 
 
-def hub_env(hub: LocalHub, hf_home: str | os.PathLike, base: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment for a subprocess that should talk to `hub`: `base` (default `os.environ`) with the endpoint,
-    a private cache and a dummy token set, and offline switches, telemetry and Xet turned off."""
+def closed_port_url() -> str:
+    """An endpoint on 127.0.0.1 where nothing listens: a port the OS handed out, released again. Connecting is
+    refused at once, as for a Hub that is down or a network that drops the connection."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+def _endpoint(hub: LocalHub | str) -> str:
+    return hub if isinstance(hub, str) else hub.url
+
+
+def hub_env(hub: LocalHub | str, hf_home: str | os.PathLike, base: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment for a subprocess that should talk to `hub` (a `LocalHub` or an endpoint URL): `base` (default
+    `os.environ`) with the endpoint, a private cache and a dummy token set, and offline switches, telemetry and
+    Xet turned off."""
     env = dict(os.environ if base is None else base)
     for key in _ENV_THAT_WOULD_INTERFERE:
         env.pop(key, None)
     env.update(
-        HF_ENDPOINT=hub.url,
+        HF_ENDPOINT=_endpoint(hub),
         HF_HOME=str(Path(hf_home)),
         HF_TOKEN=DUMMY_TOKEN,
         HF_HUB_DISABLE_TELEMETRY="1",
@@ -357,8 +392,9 @@ def hub_env(hub: LocalHub, hf_home: str | os.PathLike, base: dict[str, str] | No
 
 
 @contextlib.contextmanager
-def point_clients_at(hub: LocalHub) -> Iterator[None]:
-    """Points this process's `huggingface_hub` and `transformers` clients at `hub`, restoring them on exit.
+def point_clients_at(hub: LocalHub | str) -> Iterator[None]:
+    """Points this process's `huggingface_hub` and `transformers` clients at `hub` (a `LocalHub` or an endpoint
+    URL), restoring them on exit.
 
     `huggingface_hub` reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` once at import, so setting the variables here would
     be too late: patch the module constants that `HfApi()`, `hf_hub_url` and the HTTP session read at call time,
@@ -371,8 +407,8 @@ def point_clients_at(hub: LocalHub) -> Iterator[None]:
     saved = (hf_constants.ENDPOINT, hf_constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_constants.HF_HUB_OFFLINE,
              transformers_hub._hf_api)
     saved_token = os.environ.get("HF_TOKEN")
-    hf_constants.ENDPOINT = hub.url
-    hf_constants.HUGGINGFACE_CO_URL_TEMPLATE = hub.url + "/{repo_id}/resolve/{revision}/{filename}"
+    hf_constants.ENDPOINT = _endpoint(hub)
+    hf_constants.HUGGINGFACE_CO_URL_TEMPLATE = _endpoint(hub) + "/{repo_id}/resolve/{revision}/{filename}"
     hf_constants.HF_HUB_OFFLINE = False
     transformers_hub._hf_api = None
     os.environ["HF_TOKEN"] = DUMMY_TOKEN

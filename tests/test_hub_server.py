@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from hub_server import DUMMY_TOKEN, LocalHub, hub_env, point_clients_at
+from hub_server import DUMMY_TOKEN, LocalHub, closed_port_url, hub_env, point_clients_at
 
 REPO = "user/folder"
 BINARY = bytes(range(256)) * 3 + b"\0\r\n\xff"  # every byte value, NULs and CR/LF: survives only a byte-exact path
@@ -101,6 +101,27 @@ def test_commits_keep_history_and_tree_listing_follows_them(hub, folder, tmp_pat
     assert [e.path for e in api.list_repo_tree(REPO, "weights", revision=first)] == ["weights/blob.bin"]
     with pytest.raises(EntryNotFoundError):
         list(api.list_repo_tree(REPO, "weights"))
+
+
+@pytest.mark.parametrize("status", [500, 503, 403])
+def test_outage_answers_every_request_with_its_status_until_lifted(hub, folder, status):
+    api = upload(hub, folder)
+    hub.outage = status
+    for call in (lambda: api.model_info(REPO), lambda: api.create_repo("user/other")):
+        with pytest.raises(HfHubHTTPError) as failure:
+            call()
+        assert failure.value.response.status_code == status
+    hub.outage = None
+    assert sorted(f.rfilename for f in api.model_info(REPO).siblings) == sorted(local_files(folder))
+
+
+def test_closed_port_refuses_connections(tmp_path):
+    """Nothing listens at `closed_port_url()`: the client fails with a connection error, not an HTTP status."""
+    api = HfApi(endpoint=closed_port_url(), token=DUMMY_TOKEN)
+    with pytest.raises(Exception) as failure:
+        api.model_info(REPO, timeout=5)
+    assert not isinstance(failure.value, HfHubHTTPError)
+    assert "connect" in type(failure.value).__name__.lower() or "refused" in str(failure.value).lower()
 
 
 def test_push_to_hub_then_from_pretrained_gives_equal_logits(hub, tmp_path):

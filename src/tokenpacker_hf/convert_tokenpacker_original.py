@@ -13,23 +13,38 @@
 3. stream the shards one by one (read, rename, split the attention in-projection, pad the vocabulary for
    `<image>`, cast, write one safetensors shard), so peak memory stays near the largest input shard;
 4. write config (with `auto_map`), remote code, generation config, processor, tokenizer and a model card into a
-   temporary folder next to `dst`, renamed into place only when everything succeeded.
+   hidden staging folder next to `dst` (`.DST.converting-*`), renamed into place only when everything succeeded.
+   Any failure, Ctrl-C or SIGTERM removes it; one left by a conversion killed outright (SIGKILL) is removed by the
+   next conversion into the same `dst`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import pickle
 import re
 import shutil
+import signal
+import socket
 import tempfile
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from itertools import takewhile
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+
+from .hub import HubError, locate_repo, one_line
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_VISION_TOWER = "openai/clip-vit-large-patch14-336"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -75,8 +90,25 @@ _ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 _TOWER_SKIPPED = re.compile(r"^(text_model\.|visual_projection\.|text_projection\.|logit_scale$)|position_ids$")
 
 
+# The staging folder is `.{dst.name}{STAGING_INFIX}<random>`; the marker inside names the process writing it.
+STAGING_INFIX = ".converting-"
+STAGING_MARKER = ".tokenpacker-conversion.json"
+
+
 class ConversionError(ValueError):
-    """The source is not a convertible TokenPacker checkpoint; the message says what was expected and found."""
+    """The conversion cannot be done as asked (the source is not a convertible TokenPacker checkpoint, a shard
+    cannot be read, `dst` cannot be written); the message says what was expected and found."""
+
+
+class UploadError(OSError):
+    """The conversion succeeded and `dst` holds its result, but uploading it to the Hub failed."""
+
+
+class ConversionTerminated(KeyboardInterrupt):
+    """SIGTERM arrived during a conversion. Raised like Ctrl-C's KeyboardInterrupt, so the staging folder is
+    removed on the way out; `signum` tells the command line which exit status to give."""
+
+    signum = signal.SIGTERM
 
 
 def _listing(keys: Iterable[str], limit: int = 12) -> str:
@@ -168,15 +200,22 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
     name = str(name_or_path)
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise FileNotFoundError(f"{what} {name!r} is neither a folder nor a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
+    # One quick request first: a missing repo or an unreachable Hub is a clear error in seconds, where the
+    # download below would retry each file for minutes.
     try:
-        files = HfApi().list_repo_files(name)
-        weights = ["*.safetensors", "*.safetensors.index.json"] if any(f.endswith(".safetensors") for f in files) else [
-            "*.bin", "*.bin.index.json"]  # fmt: skip
-        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", *weights]))
-    except Exception as error:  # offline, unknown repo, gated, ...: one clear message
-        raise FileNotFoundError(f"{what} {name!r} is not a local folder and could not be downloaded: {error}") from error
+        repo = locate_repo(name)
+    except HubError as error:
+        raise HubError(f"{what} {name!r}: {error}") from None
+    has_safetensors = any(file.endswith(".safetensors") for file in repo.files)
+    weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
+    try:
+        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", *weights],
+                                      local_files_only=repo.cached_only))  # fmt: skip
+    # The Hub client's network errors differ between huggingface_hub releases (httpx, httpx2).
+    except Exception as error:
+        raise FileNotFoundError(f"{what} {name!r} could not be downloaded: {one_line(error)}") from error
 
 
 def find_weight_files(folder: Path) -> list[Path]:
@@ -188,7 +227,10 @@ def find_weight_files(folder: Path) -> list[Path]:
     ):
         index = folder / index_name
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+                raise ConversionError(f"{index}: expected a \"weight_map\" of weight names to shard files, found "
+                                      f"{str(weight_map)[:200]}")  # fmt: skip
             shards = list(dict.fromkeys(weight_map.values()))
             missing = [name for name in shards if not (folder / name).is_file()]
             if missing:
@@ -203,21 +245,76 @@ def find_weight_files(folder: Path) -> list[Path]:
 
 
 def load_shard(path: Path) -> dict[str, torch.Tensor]:
-    """All tensors of one shard. `.bin` files go through `torch.load(weights_only=True)` memory-mapped (tensors
-    are paged in as they are used); legacy non-zip `.bin` files cannot be mapped and are read whole."""
+    """All tensors of one shard; a truncated or damaged file, or a `.bin` holding anything but a dict of tensors,
+    is a ConversionError naming it."""
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as shard:
+        with open_safetensors(path) as shard:
             return {key: shard.get_tensor(key) for key in shard.keys()}
+    return check_state_dict(path, load_bin(path))
+
+
+@contextlib.contextmanager
+def open_safetensors(path: Path) -> Iterator[Any]:
+    """`safe_open(path)`, whose header check catches truncated and damaged files, as a ConversionError."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        shard = safe_open(path, framework="pt")
+    except SafetensorError as error:
+        raise ConversionError(
+            f"cannot read {path}: the file is truncated or not a safetensors file ({one_line(error)})"
+        ) from None
+    with shard as opened:
+        yield opened
+
+
+_ZIP_MAGIC = b"PK\x03\x04"
+_REFUSED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def load_bin(path: Path) -> Any:
+    """A `.bin` file through `torch.load(weights_only=True)`: memory-mapped for torch's zip format (tensors are
+    paged in as they are used), read whole for the legacy format, which cannot be mapped."""
+    with open(path, "rb") as handle:
+        zip_format = handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
+    except pickle.UnpicklingError as error:
+        refused = _REFUSED_GLOBAL.search(str(error))
+        if refused:
+            raise ConversionError(
+                f"refused to unpickle {path}: it holds a {refused.group(1).rstrip('.')} object, and only tensors and "
+                "plain containers are loaded (torch.load(weights_only=True)), since unpickling other objects can run "
+                "code; re-save the state dict with torch.save or as safetensors"
+            ) from None
+        raise ConversionError(
+            f"cannot read {path}: it is not a PyTorch checkpoint ({_first_sentence(error)})"
+        ) from None
+    except (RuntimeError, EOFError) as error:
+        raise ConversionError(
+            f"cannot read {path}: the file is truncated or damaged ({_first_sentence(error)})"
+        ) from None
+
+
+def _first_sentence(error: BaseException) -> str:
+    """torch.load's messages run to a paragraph of advice; the first sentence says what went wrong."""
+    return one_line(error).split(". ")[0].rstrip(".")
+
+
+def check_state_dict(path: Path, loaded: Any) -> dict[str, torch.Tensor]:
+    """`loaded` if it is a state dict (weight names -> tensors), else a ConversionError naming what is not."""
+    if not isinstance(loaded, dict):
+        raise ConversionError(
+            f"{path}: expected a state dict (weight names -> tensors), found a {type(loaded).__name__}"
+        )
+    wrong = [f"{key} ({type(value).__name__})" for key, value in loaded.items() if not isinstance(value, torch.Tensor)]
+    if wrong:
+        raise ConversionError(f"{path}: expected only tensors, found {len(wrong)} other value(s): {_listing(wrong)}")
+    return loaded
 
 
 def shard_shapes(path: Path) -> dict[str, torch.Tensor]:
     """Meta tensors with the shapes and dtypes of one shard's weights, read from its header only."""
     if path.suffix == ".safetensors":
-        with safe_open(path, framework="pt") as shard:
+        with open_safetensors(path) as shard:
             return {key: _meta_like(shard.get_slice(key)) for key in shard.keys()}
     return {key: torch.empty(t.shape, dtype=t.dtype, device="meta") for key, t in load_shard(path).items()}
 
@@ -229,12 +326,28 @@ def _meta_like(tensor_slice) -> torch.Tensor:
     return torch.empty(tensor_slice.get_shape(), dtype=dtype, device="meta")
 
 
+def read_json(path: Path) -> dict:
+    """A JSON object from a UTF-8 file; anything else is a ConversionError naming the file and the problem."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConversionError(f"{path}: expected UTF-8 JSON, found a byte 0x{error.object[error.start]:02X} "
+                              f"at offset {error.start} that is not UTF-8") from None  # fmt: skip
+    except json.JSONDecodeError as error:
+        raise ConversionError(
+            f"{path}: not valid JSON ({error.msg} at line {error.lineno} column {error.colno})"
+        ) from None
+    if not isinstance(content, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found a {type(content).__name__}")
+    return content
+
+
 def read_original_config(folder: Path) -> dict:
     """The original `config.json` as plain JSON (never through AutoConfig: "llava" is transformers' LLaVA)."""
     path = folder / "config.json"
     if not path.is_file():
         raise FileNotFoundError(f"no config.json in {folder}; expected an original TokenPacker checkpoint folder")
-    return json.loads(path.read_text())
+    return read_json(path)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -377,12 +490,15 @@ def build_config(original: dict, vision_config: dict, projector: dict, scale_fac
         raise ConversionError(
             f"mm_vision_select_feature must be 'patch' (the original cannot run 'cls_patch'), found {select_feature!r}"
         )
+    select_layer = original.get("mm_vision_select_layer", -2)
+    if isinstance(select_layer, bool) or not isinstance(select_layer, int):
+        raise ConversionError(f"mm_vision_select_layer must be a whole number (a tower layer), found {select_layer!r}")
     try:
         return TokenPackerConfig(
             vision_config=vision_config,
             text_config=text_config_from_original(original, vocab_size),
             image_token_index=image_token_id,
-            vision_feature_layer=int(original.get("mm_vision_select_layer", -2)),
+            vision_feature_layer=select_layer,
             vision_feature_select_strategy="default",
             region_feature_layers=list(ORIGINAL_REGION_LAYERS),
             scale_factor=scale_factor,
@@ -391,8 +507,8 @@ def build_config(original: dict, vision_config: dict, projector: dict, scale_fac
             dtype=str(dtype).removeprefix("torch."),
             **projector,
         )
-    except ValueError as error:
-        raise ConversionError(f"the checkpoint does not make a valid TokenPacker config: {error}") from error
+    except (ValueError, StrictDataclassError) as error:
+        raise ConversionError(f"the checkpoint does not make a valid TokenPacker config: {one_line(error)}") from error
 
 
 def prepare_tokenizer(folder: Path, vocab_size: int):
@@ -562,6 +678,112 @@ def _plan(shards: list[Path], from_tower: bool) -> list[tuple[Path, bool, dict]]
     return [(path, from_tower, shard_shapes(path)) for path in shards]
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The staging folder
+
+
+def remove_stale_staging(dst: Path) -> list[Path]:
+    """Removes the staging folders that conversions into `dst` left when they were killed outright (SIGKILL, a
+    power cut) and returns them: hidden `.DST.converting-*` siblings whose marker names a process of this host
+    that no longer runs. Folders without the marker (not made by this converter), of a running process (another
+    conversion in progress) or of another host (whose processes cannot be checked) are left alone."""
+    if not dst.parent.is_dir():
+        return []
+    prefix, removed = f".{dst.name}{STAGING_INFIX}", []
+    for folder in sorted(dst.parent.iterdir()):
+        if not folder.name.startswith(prefix) or not folder.is_dir():
+            continue
+        owner = _staging_owner(folder)
+        if owner is None or owner.get("host") != socket.gethostname() or _process_running(owner["pid"]):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        logger.warning(
+            "Removed %s, left by a conversion into %s that was killed (process %d)", folder, dst, owner["pid"]
+        )
+        removed.append(folder)
+    return removed
+
+
+def _staging_owner(folder: Path) -> dict | None:
+    """The marker of a staging folder (`pid`, `host`), or None when there is no readable one."""
+    try:
+        owner = json.loads((folder / STAGING_MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return owner if isinstance(owner, dict) and isinstance(owner.get("pid"), int) else None
+
+
+def _process_running(pid: int) -> bool:
+    """Whether process `pid` exists (a reused pid counts as running, which only ever keeps a folder)."""
+    if os.name == "nt":  # os.kill(pid, 0) terminates the process on Windows; never remove anything there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it runs, under another user
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block SIGTERM raises [`ConversionTerminated`], as SIGINT raises KeyboardInterrupt, so cleanup
+    code runs instead of the process vanishing mid-write. Only the main thread can set signal handlers, and a
+    handler the application installed itself is left in place."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum: int, frame: Any) -> None:
+        raise ConversionTerminated("the unfinished conversion was removed")
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def staging_folder(dst: Path) -> Iterator[Path]:
+    """A hidden folder next to `dst` to write into, renamed to `dst` when the block succeeds. When the block fails
+    or is interrupted (Ctrl-C, SIGTERM) it is removed, with the parent folders it needed. A marker inside names
+    this process, for [`remove_stale_staging`] to find after a SIGKILL."""
+    created = list(takewhile(lambda folder: not folder.exists(), dst.parents))
+    if not dst.parents[len(created)].is_dir():  # mkdir would only say "File exists"
+        raise ConversionError(f"cannot write {dst}: {dst.parents[len(created)]} is a file, not a folder")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}{STAGING_INFIX}", dir=dst.parent))
+    except OSError as error:
+        _remove_empty_folders(created)
+        # strerror, not the message: that names the staging folder's random name, which means nothing to the user.
+        raise ConversionError(f"cannot write {dst}: {error.strerror or one_line(error)}") from error
+    try:
+        with sigterm_as_interrupt():
+            marker = staging / STAGING_MARKER
+            marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "dst": str(dst)}))
+            yield staging
+            marker.unlink()
+            if dst.exists():
+                dst.rmdir()
+            staging.rename(dst)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty_folders(created)
+        raise
+
+
+def _remove_empty_folders(folders: list[Path]) -> None:
+    """Removes `folders` (deepest first) as long as they are empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
 def convert_original_checkpoint(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -577,18 +799,21 @@ def convert_original_checkpoint(
     Args:
         src: a local folder or a Hub repo id in the original layout: `config.json`, `.bin` or safetensors
             shards (with index), tokenizer files.
-        dst: the output folder; must not exist or be empty. Written to a temporary sibling and renamed at the end,
-            so a failed conversion leaves nothing.
+        dst: the output folder; must not exist or be empty. Written to a hidden sibling `.DST.converting-*` and
+            renamed at the end, so a failed or interrupted (Ctrl-C, SIGTERM) conversion leaves nothing; such
+            siblings left by a killed conversion (SIGKILL) are removed first.
         vision_tower: folder or Hub id of the CLIP tower, read only when the checkpoint holds no
             `model.vision_tower.*` weights (None: openai/clip-vit-large-patch14-336, what the original loads).
         scale_factor, max_slices: only needed when neither config.json nor the name tells them; a value that
             contradicts the checkpoint is an error.
         dtype: "float32", "float16" or "bfloat16"; None keeps the checkpoint's `torch_dtype`.
-        push_to_hub: a repo id to upload the finished folder to.
+        push_to_hub: a repo id to upload the finished folder to; if the upload fails, `dst` is kept and
+            [`UploadError`] raised.
     Returns:
         The path of `dst`.
     """
     dst = Path(dst)
+    remove_stale_staging(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
     if dtype is not None and dtype not in DTYPES:
@@ -631,22 +856,14 @@ def convert_original_checkpoint(
     check_against_model(converted_shapes, expected_shapes(config))
     processor = build_processor(config, tokenizer, image_mode, slices)
 
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{dst.name}.converting-", dir=dst.parent))
-    try:
+    with staging_folder(dst) as staging:
         write_weights([(path, from_tower) for path, from_tower, _ in plan], staging, target_dtype, vocab_size,
                       config.tie_word_embeddings)  # fmt: skip
         write_model_files(config, staging, folder, image_token_id)
         processor.save_pretrained(staging)
         write_model_card(config, staging, processor, name, hub_sources, push_to_hub)
-        if dst.exists():
-            dst.rmdir()
-        staging.rename(dst)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     if push_to_hub:
-        _upload(dst, push_to_hub)
+        upload_converted(dst, push_to_hub)
     return dst
 
 
@@ -659,16 +876,28 @@ def _checkpoint_dtype(original: dict, shapes: Mapping[str, torch.Tensor]) -> tor
     return embeddings.dtype if embeddings is not None and embeddings.is_floating_point() else torch.float32
 
 
-def _upload(folder: Path, repo_id: str) -> None:
-    from huggingface_hub import HfApi
+def upload_converted(folder: Path, repo_id: str) -> None:
+    """Uploads the converted `folder` to `repo_id`. A failure is an [`UploadError`] that says the folder is kept:
+    the conversion itself succeeded, and redoing it to retry the upload would waste the user's time."""
+    from huggingface_hub import HfApi, constants
 
     api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Convert the original TokenPacker checkpoint")
+    try:
+        api.create_repo(repo_id, exist_ok=True)
+        api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                          commit_message="Convert the original TokenPacker checkpoint")  # fmt: skip
+    # The Hub client's network errors differ between huggingface_hub releases (httpx, httpx2).
+    except Exception as error:
+        raise UploadError(
+            f"converted into {folder}, but uploading it to {repo_id} on the Hub at {constants.ENDPOINT} failed "
+            f"({one_line(error)}); the converted folder is kept: upload it with `hf upload {repo_id} {folder}`"
+        ) from error
 
 
 __all__ = [
     "ConversionError",
+    "ConversionTerminated",
+    "UploadError",
     "DEFAULT_VISION_TOWER",
     "convert_original_checkpoint",
     "convert_original_projector_state_dict",

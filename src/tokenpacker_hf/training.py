@@ -15,6 +15,7 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -174,23 +175,71 @@ def encode_conversation(
 # Dataset and collator
 
 
+@dataclass(frozen=True)
+class UnparsableLine:
+    """A `.jsonl` line that is not valid JSON, kept in place of its record so the dataset counts it as a skip."""
+
+    line_number: int
+    error: str
+
+
+def read_utf8_text(path: str | os.PathLike) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark dropped); anything else is a ValueError naming the
+    file and the line of the first byte that is not UTF-8."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ValueError(
+            f"{path}: expected UTF-8 text, but line {line} holds the byte 0x{data[error.start]:02X}, which is not "
+            "UTF-8; re-save the file as UTF-8"
+        ) from None
+
+
 def load_llava_records(data_path: str | os.PathLike) -> list[Any]:
-    """Records of a LLaVA-format `.json` (a list) or `.jsonl` (one record a line) file."""
-    with open(data_path, encoding="utf-8") as handle:
-        if str(data_path).endswith(".jsonl"):
-            return [json.loads(line) for line in handle if line.strip()]
-        records = json.load(handle)
+    """Records of a LLaVA-format `.json` (a list) or `.jsonl` (one record a line) file.
+
+    A `.jsonl` line that is not valid JSON becomes an [`UnparsableLine`], which the dataset skips and counts,
+    like any other unusable record. A file that is empty, not UTF-8, or (`.json`) not a valid JSON list raises a
+    ValueError naming the file and, for JSON errors, the line and column.
+    """
+    text = read_utf8_text(data_path)
+    if not text.strip():
+        raise ValueError(
+            f"{data_path}: the file is empty; expected LLaVA samples (a JSON list, or one per line in .jsonl)"
+        )
+    if str(data_path).endswith(".jsonl"):
+        # Split on "\n" only: JSON strings may hold other line separators (U+2028) unescaped.
+        return [_parse_jsonl_line(number, line) for number, line in enumerate(text.split("\n"), 1) if line.strip()]
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        hint = " (one sample per line? name the file .jsonl)" if error.msg == "Extra data" else ""
+        raise ValueError(
+            f"{data_path}: not valid JSON: {error.msg} at line {error.lineno} column {error.colno}{hint}"
+        ) from None
     if not isinstance(records, list):
         raise ValueError(f"{data_path}: expected a JSON list of samples, got a {type(records).__name__}")
     return records
 
 
+def _parse_jsonl_line(number: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        return UnparsableLine(number, f"{error.msg} at column {error.colno}")
+
+
 def image_paths(record: dict[str, Any], image_folder: str | os.PathLike | None) -> list[str]:
-    """The record's image files (`"image"`: a path or a list of paths, relative to `image_folder`)."""
+    """The record's image files (`"image"`: a path or a list of paths, relative to `image_folder`); any other
+    value is a `SkipSample("malformed")`."""
     images = record.get("image")
     if images is None:
         return []
-    names = [images] if isinstance(images, str) else list(images)
+    names = [images] if isinstance(images, str) else images
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise SkipSample("malformed", f"expected 'image' to be a path or a list of paths, got {str(images)[:200]}")
     return [os.path.join(image_folder or "", name) for name in names]
 
 
@@ -200,14 +249,16 @@ class LlavaDataset(torch.utils.data.Dataset):
     Records: `{"image": "rel/path.jpg" | [paths] (optional), "conversations": [{"from": "human", "value":
     "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
 
-    A scan at construction drops (and counts in `skipped`, by reason) malformed records, records whose
-    `<image>` count differs from their number of images, and records with a missing image file. A sample that
-    fails later (an unreadable image, or too long to keep its image tokens whole) is counted as well and
-    replaced by the next usable one, so an epoch never stops on one bad sample. `truncated` counts samples
-    whose text was cut to `max_length`. With dataloader workers, counts after construction stay in the workers
-    (each skip is still logged).
+    A scan at construction drops (and counts in `skipped`, by reason) `.jsonl` lines that are not valid JSON
+    (`invalid_json`, logged with their line number), malformed records, records whose `<image>` count differs
+    from their number of images, and records with a missing image file. A sample that fails later (an image that
+    is unreadable, truncated, too large to decode safely or gone, or a sample too long to keep its image tokens
+    whole) is counted as well and replaced by the next usable one, so an epoch never stops on one bad sample.
+    `truncated` counts samples whose text was cut to `max_length`. With dataloader workers, counts after
+    construction stay in the workers (each skip is still logged).
 
-    Raises `ValueError` naming the file when it holds no sample, or no usable one.
+    Raises `ValueError` naming the file when it is empty, not UTF-8, not valid JSON (`.json`), or holds no
+    sample or no usable one.
     """
 
     def __init__(
@@ -241,6 +292,8 @@ class LlavaDataset(torch.utils.data.Dataset):
 
     def _scan(self, record: Any) -> tuple[list[dict[str, Any]], list[str]]:
         """(messages, image paths) of a record, or `SkipSample` for what can be checked without decoding."""
+        if isinstance(record, UnparsableLine):
+            raise SkipSample("invalid_json", f"line {record.line_number} is not valid JSON: {record.error}")
         if not isinstance(record, dict) or not isinstance(record.get("conversations"), list):
             raise SkipSample("malformed", f"expected {{'conversations': [...]}}, got {str(record)[:200]}")
         image_token = self.processor.image_token
@@ -269,7 +322,8 @@ class LlavaDataset(torch.utils.data.Dataset):
             try:
                 with Image.open(path) as image:
                     images.append(image.convert("RGB"))
-            except (OSError, ValueError) as error:
+            # OSError includes FileNotFoundError (an image removed after the scan); a decompression bomb is neither.
+            except (OSError, ValueError, Image.DecompressionBombError) as error:
                 raise SkipSample("unreadable_image", f"cannot read {path}: {error}") from error
         example = encode_conversation(self.processor, messages, images, self.max_length)
         if example.pop("truncated"):
