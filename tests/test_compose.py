@@ -2,6 +2,7 @@
 (`from_vision_text_pretrained`): the parts' weights bit for bit, a fresh projector, the tokenizer with `<image>`,
 the tower's normalisation, validation before loading, and the composed folder through remote code."""
 
+import json
 import os
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from subprocess_utils import run_without_package
 from test_training import small_dataset
 from tiny import text_config, vision_config
-from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor, cli
 from tokenpacker_hf.tiny import byte_level_backend
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -339,3 +340,57 @@ def test_train_py_needs_a_folder_or_both_parts(parts, tmp_path):
     root, _ = parts
     with pytest.raises(AssertionError, match="give either --model_name_or_path, or both --vision_tower and"):
         run_train(tmp_path, "--vision_tower", str(root / "clip"), "--output_dir", str(tmp_path / "out"))
+
+
+# --- tokenpacker-hf init ---------------------------------------------------------------------------------
+
+
+def run_init(*argv: str, capsys) -> tuple[int, str, str]:
+    code = cli.main(["init", *argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_init_writes_a_ready_to_train_folder_that_loads_through_remote_code(parts, tmp_path, capsys):
+    root, sources = parts
+    out = tmp_path / "composed"
+    code, stdout, stderr = run_init("--vision-tower", str(root / "clip"), "--language-model", str(root / "qwen2"),
+                                    "--region-feature-layers", "1", "2", "3", "--image-mode", "slice", str(out),
+                                    capsys=capsys)
+    assert code == 0, stderr
+    assert stdout.strip() == str(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_tokenpacker.TokenPackerForConditionalGeneration"
+    assert {"modeling_tokenpacker.py", "processing_tokenpacker.py", "model.safetensors", "README.md"} <= {
+        path.name for path in out.iterdir()}
+    assert "freshly initialised and untrained" in (out / "README.md").read_text()
+    model = TokenPackerForConditionalGeneration.from_pretrained(out)
+    assert_equal_tensors(model.model.vision_tower.state_dict(), vision_state(sources["clip"]))
+    assert TokenPackerProcessor.from_pretrained(out).image_processor.image_mode == "slice"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)).save(tmp_path / "image.png")
+    child = run_without_package(CHILD, cwd=tmp_path)
+    assert child.returncode == 0, child.stderr[-3000:]
+
+
+@pytest.mark.parametrize("case", ["output exists", "not a vit", "bad scale factor"])
+def test_init_bad_input_is_one_line_and_leaves_nothing(parts, tmp_path, capsys, case):
+    root, _ = parts
+    out = tmp_path / "new"
+    vision, layers, scale = str(root / "clip"), ["1", "2", "3"], "2"
+    if case == "output exists":
+        out.mkdir()
+        (out / "keep.txt").write_text("mine")
+    elif case == "not a vit":
+        vision = str(root / "llama")
+    else:
+        scale = "3"  # the tiny tower has a 4×4 patch grid
+    code, _, stderr = run_init("--vision-tower", vision, "--language-model", str(root / "llama"),
+                               "--region-feature-layers", *layers, "--scale-factor", scale, str(out), capsys=capsys)
+    expected = {"output exists": "already exists and is not an empty folder",
+                "not a vit": "expected a CLIP/SigLIP-style ViT vision tower",
+                "bad scale factor": "scale_factor must divide the patch grid side 4"}[case]
+    lines = stderr.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert sorted(path.name for path in tmp_path.iterdir()) == (["new"] if case == "output exists" else [])
+    if case == "output exists":
+        assert [path.name for path in out.iterdir()] == ["keep.txt"]

@@ -4,6 +4,7 @@
     tokenpacker-hf generate --model DIR_OR_REPO --image IMG [--image IMG ...] --prompt TEXT
     tokenpacker-hf info DIR_OR_REPO
     tokenpacker-hf convert SRC DST [--vision-tower ID] [--scale-factor S] [--max-slices N] [--dtype bfloat16]
+    tokenpacker-hf init --vision-tower ID --language-model ID OUT [--scale-factor S] [--image-mode pad|slice]
 
 Errors a user can fix (a missing or damaged model folder, a Hub repo that does not exist or a Hub that cannot be
 reached, an unusable image or device, a checkpoint that is not TokenPacker's) print one line `error: ...` on
@@ -18,6 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
 
 from .hub import ModelFiles, locate_repo, one_line
@@ -74,6 +76,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--push-to-hub", default=None, metavar="REPO",
         help="also upload the result to this repo (if the upload fails, the converted folder is kept)",
     )  # fmt: skip
+
+    init = commands.add_parser("init", help="compose a new, untrained model from a pretrained vision tower and LLM")
+    init.add_argument("output", help="new model folder (must not exist or be empty)")
+    init.add_argument("--vision-tower", required=True, help="CLIP / SigLIP checkpoint: folder or Hub repo id")
+    init.add_argument("--language-model", required=True, help="causal LM checkpoint: folder or Hub repo id")
+    init.add_argument("--scale-factor", type=positive_int, default=2, help="s: (G/s)² tokens per image tile")
+    init.add_argument("--region-feature-layers", type=int, nargs="+", default=None,
+                      help="tower layers for the region keys (default 12 16 22 23, for 24-layer towers)")  # fmt: skip
+    init.add_argument("--image-mode", choices=("pad", "slice"), default="pad", help="slice: TokenPacker-HD")
+    init.add_argument("--max-slices", type=positive_int, default=9, help="HD tiles per image (slice mode)")
+    init.add_argument("--dtype", choices=DTYPES, default="float32")
     return parser
 
 
@@ -155,7 +168,6 @@ def load_pretrained(loader: Any, source: ModelFiles, what: str, **kwargs: Any) -
     The installed package's classes are used, never the folder's own code: `trust_remote_code=False` also keeps
     transformers from asking on stdin whether to run it.
     """
-    from huggingface_hub.errors import StrictDataclassError
     from safetensors import SafetensorError
 
     try:
@@ -249,10 +261,49 @@ def convert(args: argparse.Namespace) -> str:
     return str(dst)
 
 
-COMMANDS = {"generate": generate, "info": info, "convert": convert}
-# Everything a user can cause and fix: bad arguments, files, configs, images, repos and an unreachable Hub
-# (HubError and the converter's UploadError are OSErrors, ConversionError a ValueError).
-USER_ERRORS = (UsageError, ValueError, OSError, KeyError, Image.DecompressionBombError)
+UNTRAINED_NOTE = (
+    "Its projector is freshly initialised and untrained: train stage 1 (projector only, caption data) and stage 2 "
+    "(projector and LLM, instruction data) before using it, e.g. with `examples/train.py` of tokenpacker-hf."
+)
+
+
+def init(args: argparse.Namespace) -> str:
+    """Composes a new model folder (weights, config, remote code, processor, model card) from a pretrained vision
+    tower and LLM; returns the folder. Nothing is left at OUTPUT when anything fails."""
+    import torch
+
+    from . import TokenPackerForConditionalGeneration, TokenPackerProcessor
+    from .convert_tokenpacker_original import remove_stale_staging, staging_folder
+    from .training import model_card
+
+    dst = Path(args.output)
+    remove_stale_staging(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
+        raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
+    parts = (args.vision_tower, args.language_model)
+    config = {"scale_factor": args.scale_factor}
+    if args.region_feature_layers:
+        config["region_feature_layers"] = args.region_feature_layers
+    processor = TokenPackerProcessor.from_vision_text_pretrained(
+        *parts, image_mode=args.image_mode, max_slices=args.max_slices, **config
+    )
+    model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
+        *parts, processor=processor, dtype=getattr(torch, args.dtype), **config
+    )
+    card = model_card(model.config, dst.name, image_processor=processor.image_processor,
+                      base_models=[part for part in parts if not Path(part).exists()], description=UNTRAINED_NOTE)
+    with staging_folder(dst) as staging:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        card.save(staging / "README.md")
+    return str(dst)
+
+
+COMMANDS = {"generate": generate, "info": info, "convert": convert, "init": init}
+# Everything a user can cause and fix: bad arguments, files, configs (StrictDataclassError: a config field that
+# fails validation), images, repos and an unreachable Hub (HubError and the converter's UploadError are OSErrors,
+# ConversionError a ValueError).
+USER_ERRORS = (UsageError, ValueError, OSError, KeyError, StrictDataclassError, Image.DecompressionBombError)
 
 
 def main(argv: list[str] | None = None) -> int:
