@@ -22,6 +22,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from PIL import Image
 from torch import nn
 
+from .image_processing_tokenpacker import to_rgb_image
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -267,8 +269,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         images = []
         for path in paths:
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
+                images.append(to_rgb_image(path))
             except (OSError, ValueError) as error:
                 raise SkipSample("unreadable_image", f"cannot read {path}: {error}") from error
         example = encode_conversation(self.processor, messages, images, self.max_length)
