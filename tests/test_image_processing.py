@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,11 @@ from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
 from tiny import tiny_config
+from tokenpacker_hf import image_processing_tokenpacker as image_processing
 from tokenpacker_hf.image_processing_tokenpacker import (
     SLICE_GRIDS,
     TokenPackerImageProcessor,
+    fit_size,
     get_slice_grid,
     num_tiles,
 )
@@ -294,29 +297,132 @@ def test_empty_images_and_non_images_raise(tmp_path):
         processor([])
 
 
-def test_a_100_megapixel_image_is_processed_in_bounded_memory():
-    """Without the PIL reduction a 10000×10000 image would become 1.2 GB of float32 (plus copies)."""
-    code = textwrap.dedent(
-        """
-        import json, resource
-        from PIL import Image
-        from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
-        processor = TokenPackerImageProcessor(image_mode="slice", max_slices=9)
-        processor(Image.new("RGB", (40, 30)))  # warm up torch's allocator and kernels
-        image = Image.linear_gradient("L").resize((10000, 10000))
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        out = processor(image)
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        print(json.dumps({"growth_mb": (after - before) / 1024, "shape": list(out["pixel_values"].shape),
-                          "grid": out["image_grids"].tolist()}))
-        """
+# ------------------------------------------------------------------------------------ row blocks and memory
+
+
+@pytest.fixture
+def small_row_blocks(monkeypatch):
+    """Sets the row blocks to `rows` rows of a `width`-pixel float32 RGB image (and lifts the cap on bilinear
+    calls), so small images take the blockwise paths."""
+
+    def set_rows(rows: int, width: int) -> None:
+        monkeypatch.setattr(image_processing, "_ROW_BLOCK_BYTES", rows * width * 3 * 4)
+        monkeypatch.setattr(image_processing, "_MAX_BILINEAR_CALLS", 10**6)
+
+    return set_rows
+
+
+def thumbnail_from_image_reference(image: Image.Image, thumbnail_size: tuple[int, int]) -> torch.Tensor:
+    """`thumbnail_from="image"`: the normalised image itself resized into the thumbnail box, in one call."""
+    array = torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1).float() / 255
+    array = ((array - torch.tensor(CLIP_MEAN)[:, None, None]) / torch.tensor(CLIP_STD)[:, None, None])[None]
+    return F.interpolate(array, size=thumbnail_size, mode="bilinear")
+
+
+@pytest.mark.parametrize("threads", [1, 2])  # torch picks a different bilinear kernel for 1 thread
+@pytest.mark.parametrize("size, tile, block_rows", [((75, 50), 16, 3), ((50, 75), 16, 4), ((120, 30), 16, 2),
+                                                    ((37, 5), 16, 1), ((700, 500), 336, 50)])  # fmt: skip
+def test_blockwise_slice_mode_gives_exactly_the_one_call_pixels(size, tile, block_rows, threads, small_row_blocks):
+    width, height = size
+    small_row_blocks(block_rows, width)
+    image = noise_image(width, height, seed=width * height)
+    grid = get_slice_grid(height, width, tile_size=tile)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = TokenPackerImageProcessor(image_mode="slice", tile_size=tile)(image)["pixel_values"]
+        from_image = TokenPackerImageProcessor(image_mode="slice", tile_size=tile, thumbnail_from="image")(image)
+        expected = slice_reference(image, grid, tile)
+        thumbnail_size = fit_size(height, width, tile, tile)
+        expected_thumbnail = thumbnail_from_image_reference(image, thumbnail_size)
+    finally:
+        torch.set_num_threads(previous)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    if num_tiles(grid) > 1:
+        thumbnail = from_image["pixel_values"][-1:, :, : thumbnail_size[0], : thumbnail_size[1]]
+        torch.testing.assert_close(thumbnail, expected_thumbnail, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (7, 40), (333, 500), (64, 64)])
+@pytest.mark.parametrize("image_mode", ["pad", "square"])
+def test_blockwise_pad_and_square_modes_give_exactly_the_clip_processors_pixels(size, image_mode, small_row_blocks):
+    small_row_blocks(1, max(size))  # a few rows of the padded square (uint8 rows are a quarter of float32 ones)
+    image = noise_image(*size, seed=sum(size))
+    clip = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    background = tuple(int(x * 255) for x in clip.image_mean)
+    source = expand2square_reference(image, background) if image_mode == "pad" else image
+    expected = torch.as_tensor(np.stack(clip(source)["pixel_values"]))
+    ours = TokenPackerImageProcessor(image_mode=image_mode, tile_size=32)(image)["pixel_values"]
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
+def test_gray_image_in_square_mode_equals_its_rgb_copy():
+    """A mode "L" image is resized without making its RGB copy; bicubic works per channel, so nothing changes."""
+    gray = noise_image(90, 40, seed=4, mode="L")
+    processor = TokenPackerImageProcessor(image_mode="square", tile_size=32)
+    expected = processor(gray.convert("RGB"))["pixel_values"]
+    torch.testing.assert_close(processor(gray)["pixel_values"], expected, rtol=0, atol=0)
+
+
+MEGAPIXELS_100_RGB_MIB = 100e6 * 3 / 2**20  # one 8-bit RGB copy of a 100-megapixel image: 286 MiB
+
+MEMORY_PROBE = textwrap.dedent(
+    """
+    import json, resource, sys, time, warnings
+    import numpy as np
+    from PIL import Image
+    from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
+
+    path, image_mode = sys.argv[1], sys.argv[2]
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # 100 MP is above PIL's warning size
+    processor = TokenPackerImageProcessor(image_mode=image_mode)
+    for warm_up in (np.zeros((40, 30), dtype=np.uint16), np.zeros((40, 30, 3), dtype=np.uint8)):
+        processor(warm_up)  # torch's kernels and allocator, PIL's decoders
+    unit = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is in bytes on macOS, KiB on Linux
+
+    def peak_mib():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * unit / 2**20
+
+    before, start = peak_mib(), time.perf_counter()
+    out = processor(path)
+    print(json.dumps({"growth_mib": peak_mib() - before, "seconds": time.perf_counter() - start,
+                      "shape": list(out["pixel_values"].shape), "grid": out["image_grids"].tolist()}))
+    """
+)
+
+
+def peak_memory_growth(path: Path, image_mode: str) -> dict:
+    """Peak RSS growth (MiB) and time of processing the image file at `path`, decoding included, in a fresh
+    process."""
+    result = subprocess.run(
+        [sys.executable, "-c", MEMORY_PROBE, str(path), image_mode], capture_output=True, text=True, timeout=180
     )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["grid"] == [[3, 3]]
-    assert report["shape"] == [10, 3, 336, 336]
-    assert report["growth_mb"] < 400, report
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_100_megapixel_16_bit_png_in_slice_mode_stays_within_one_rgb_copy(tmp_path):
+    """Before the row blocks this grew by 1690 MiB (a float64 copy of the 16-bit image, and more)."""
+    rows, cols = np.arange(10000, dtype=np.uint16)[:, None], np.arange(10000, dtype=np.uint16)[None, :]
+    Image.fromarray(rows * 6 + cols * 3).save(tmp_path / "gradient16.png", compress_level=1)  # 16-bit, wraps
+    report = peak_memory_growth(tmp_path / "gradient16.png", "slice")
+    assert report["grid"] == [[3, 3]] and report["shape"] == [10, 3, 336, 336]
+    # Measured 274 MiB (0.96×): the decoded 16-bit image (191 MiB) and its 8-bit copy (95 MiB).
+    assert report["growth_mib"] < 1.5 * MEGAPIXELS_100_RGB_MIB, report
+
+
+def test_a_100_megapixel_rgb_image_in_pad_mode_stays_within_two_rgb_copies(tmp_path):
+    """Before the row blocks this grew by 2300 MiB (numpy and PIL copies of the padded square, 1.44× the image)."""
+    height, width = 8334, 12000  # 100 MP, padded to a 144 MP square
+    rows, cols = np.arange(height, dtype=np.uint8)[:, None], np.arange(width, dtype=np.uint8)[None, :]
+    rgb = np.empty((height, width, 3), dtype=np.uint8)
+    rgb[..., 0], rgb[..., 1], rgb[..., 2] = rows + cols, rows * 3, cols * 5  # wraps: a busy 8-bit pattern
+    Image.fromarray(rgb).save(tmp_path / "pattern.png", compress_level=1)
+    del rgb
+    report = peak_memory_growth(tmp_path / "pattern.png", "pad")
+    assert report["shape"] == [1, 3, 336, 336]
+    # Measured 432 MiB (1.5×): PIL's decoded image, 4 bytes a pixel (381 MiB), and one row block.
+    assert report["growth_mib"] < 2 * MEGAPIXELS_100_RGB_MIB, report
 
 
 def test_save_and_load_round_trip(tmp_path):

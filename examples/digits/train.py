@@ -32,7 +32,7 @@ from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import make_data
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
-from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
+from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor, to_rgb_image
 from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, make_tokenizer, text_config, vision_config
 from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_preset, model_card
 
@@ -178,8 +178,7 @@ def evaluate(
     records = json.loads(test_json.read_text())[:limit]
     images = []
     for record in records:
-        with Image.open(test_json.parent / record["image"]) as image:
-            images.append(image.convert("RGB"))
+        images.append(to_rgb_image(test_json.parent / record["image"]))
     truths = [record["conversations"][1]["value"] for record in records]
     model.eval()
     return {**score(read_digits(model, processor, images), truths), "eval_samples": len(records)}

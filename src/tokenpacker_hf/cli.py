@@ -148,16 +148,15 @@ def resolve_device(name: str | None) -> str:
 
 def load_images(paths: list[str]) -> list[Any]:
     """Opens each image as RGB, naming the file that is missing or unreadable."""
-    from PIL import UnidentifiedImageError
+    from .image_processing_tokenpacker import to_rgb_image
 
     images = []
     for path in paths:
         if not Path(path).is_file():
             raise UsageError(f"image not found: {path}")
         try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except (UnidentifiedImageError, OSError) as error:
+            images.append(to_rgb_image(path))
+        except (OSError, ValueError) as error:
             raise UsageError(f"cannot read image {path}: {error}") from None
     return images
 

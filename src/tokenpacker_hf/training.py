@@ -23,6 +23,8 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData
 from PIL import Image
 from torch import nn
 
+from .image_processing_tokenpacker import to_rgb_image
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -320,10 +322,10 @@ class LlavaDataset(torch.utils.data.Dataset):
         images = []
         for path in paths:
             try:
-                with Image.open(path) as image:
-                    images.append(image.convert("RGB"))
-            # OSError includes FileNotFoundError (an image removed after the scan); a decompression bomb is neither.
-            except (OSError, ValueError, Image.DecompressionBombError) as error:
+                images.append(to_rgb_image(path))
+            # OSError includes FileNotFoundError (an image removed after the scan); the loader raises ValueError for
+            # everything else it cannot use, a decompression bomb included.
+            except (OSError, ValueError) as error:
                 raise SkipSample("unreadable_image", f"cannot read {path}: {error}") from error
         example = encode_conversation(self.processor, messages, images, self.max_length)
         if example.pop("truncated"):

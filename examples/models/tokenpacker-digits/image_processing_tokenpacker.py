@@ -6,14 +6,17 @@ Everything here follows the original code (CircleRadon/TokenPacker, `llava/patch
 branch of its data loaders).
 """
 
+import errno
 import io
+import mmap
 import os
+from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 # Imported first for its transformers version check: a processor loaded alone through remote code gets it too.
 from .configuration_tokenpacker import MIN_TRANSFORMERS_VERSION  # noqa: F401, I001
@@ -65,8 +68,21 @@ _IOU_EPS = 1e-5
 # its resize target, so huge inputs never become a full-resolution float tensor.
 _MAX_SOURCE_OVERSAMPLING = 2
 
+_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK")
+
+# Huge images are converted, resized and normalised in row blocks of about this many bytes, so that no full-size
+# copy (16-bit, float or padded) of them is ever made.
+_ROW_BLOCK_BYTES = 8 * 2**20
+# The blockwise bilinear resize computes the whole output once per block: fewer, larger blocks for big images.
+_MAX_BILINEAR_CALLS = 4
+
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
-_REDUCIBLE_MODES = ("L", "LA", "RGB", "RGBA", "RGBX", "CMYK", "I", "F")
+_SIXTEEN_BIT_MAX = 65535
+_EIGHT_BIT_MAX = 255
+_PREMULTIPLIED_MODES = {"La": "LA", "RGBa": "RGBA"}  # PIL cannot convert these to RGB directly
+_CHANNEL_COUNTS = (1, 3, 4)
+_EXIF_ORIENTATION = 0x0112
+_TURNED_ORIENTATIONS = range(2, 9)  # 1 is upright
 
 
 class TokenPackerImagesKwargs(ImagesKwargs, total=False):
@@ -120,47 +136,57 @@ def fit_size(height: int, width: int, box_height: int, box_width: int) -> tuple[
     return max(1, min(box_height, round(height * width_ratio))), box_width
 
 
-def expand2square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
-    """Pastes `image` centred on a square of colour `background` (LLaVA-1.5's `pad` aspect ratio)."""
-    width, height = image.size
-    if width == height:
-        return image
-    side = max(width, height)
-    square = Image.new(image.mode, (side, side), background)
-    square.paste(image, ((side - width) // 2, (side - height) // 2))
-    return square
-
-
 def load_image(image: Any) -> Image.Image:
-    """Any supported input as a non-empty PIL image (its mode kept, except 16-bit images which become "L").
+    """The one image-loading path of the package: any supported input as a non-empty, upright PIL image whose
+    `convert("RGB")` gives the right colours.
 
-    Accepts PIL images of any mode, file paths, raw file bytes, numpy arrays and torch tensors (H×W, H×W×C
-    or C×H×W with C in 1/3/4; uint8 in [0, 255] or floats in [0, 1]). 16-bit images are scaled to 8 bit
-    (PIL's own conversion to RGB, which the original uses, would saturate them to white).
+    Accepts file paths, raw file bytes, PIL images of every mode, numpy arrays and torch tensors.
+
+    - Files are decoded in full, so a truncated file is refused here, not later. PIL's decompression-bomb rule
+      applies: above `Image.MAX_IMAGE_PIXELS` pixels PIL warns, above twice that the file is refused.
+    - The EXIF orientation (files and PIL images) is applied.
+    - 16-bit images (modes "I", "I;16", "I;16B", "I;16L", "I;16N"; uint16 arrays) are scaled to 8 bits as
+      `round(v / 257)`, so 257·v gives v. Mode "F" holds PIL's 0..255 scale. These become mode "L";
+      premultiplied "La" / "RGBa" become "LA" / "RGBA". Alpha is dropped later, as `convert("RGB")` does.
+    - Arrays and tensors are `[H, W]`, `[H, W, C]` or `[C, H, W]` with C in 1 / 3 / 4 (gray, RGB, RGBA). A 3-D
+      shape whose first and last sides could both be C (e.g. `[3, 4, 3]`) follows its container's convention:
+      channels-last for numpy, channels-first for torch. Values: uint8 as they are; uint16 as 16-bit; bool as
+      0 / 255; other integers must lie in [0, 255]; floats (float16, bfloat16, float32, float64) must be finite
+      and lie in [0, 1] (up to half an 8-bit level outside is accepted) and are rounded to 8 bits. Nothing
+      else is clipped.
+
+    Raises:
+        FileNotFoundError: a path that does not exist (named in the message).
+        ValueError: any other unusable input, with one line naming what was expected and what was found.
     """
     if isinstance(image, (str, os.PathLike, bytes, bytearray)):
         image = _open_image_file(image)
     elif isinstance(image, torch.Tensor):
-        image = _array_to_image(image.detach().cpu().numpy())
+        image = _array_to_image(*_tensor_to_array(image), channels_first_when_ambiguous=True)
     elif isinstance(image, np.ndarray):
-        image = _array_to_image(image)
-    elif not isinstance(image, Image.Image):
+        image = _array_to_image(image, _describe_array(image), channels_first_when_ambiguous=False)
+    elif isinstance(image, Image.Image):
+        image = _decode(lambda: image, "the PIL image")
+    else:
         raise ValueError(
             f"expected an image as a PIL image, numpy array, torch tensor, file path or file bytes, "
             f"got {type(image).__name__}"
         )
     if image.width < 1 or image.height < 1:
         raise ValueError(f"expected a non-empty image, got size {image.width}x{image.height} (width x height)")
+    image = _upright(image)
     if image.mode in _SIXTEEN_BIT_MODES:
-        eight_bit = np.clip(np.asarray(image, dtype=np.float64) / 257.0, 0, 255).round().astype(np.uint8)
-        image = Image.fromarray(eight_bit, mode="L")
+        return Image.fromarray(_eight_bit_image_rows(image, _SIXTEEN_BIT_MAX, f"a mode {image.mode!r} image"))
+    if image.mode == "F":
+        return Image.fromarray(_eight_bit_image_rows(image, _EIGHT_BIT_MAX, "a mode 'F' image"))
+    if image.mode in _PREMULTIPLIED_MODES:
+        return image.convert(_PREMULTIPLIED_MODES[image.mode])
     return image
 
 
 def to_rgb_image(image: Any) -> Image.Image:
-    """Any supported input (see [`load_image`]) as an RGB PIL image; other modes go through `convert("RGB")`."""
-    image = load_image(image)
-    return image if image.mode == "RGB" else image.convert("RGB")
+    """Any supported input (see [`load_image`]) as an RGB PIL image."""
+    return _as_rgb(load_image(image))
 
 
 def reduce_for_target(image: Image.Image, target: tuple[int, int]) -> Image.Image:
@@ -174,40 +200,179 @@ def reduce_for_target(image: Image.Image, target: tuple[int, int]) -> Image.Imag
     if factor < 2:
         return image
     if image.mode not in _REDUCIBLE_MODES:
-        image = image.convert("RGB")
+        image = _as_rgb(image)
     return image.reduce(factor)
 
 
-def _open_image_file(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
-    """Opens and decodes an image file; anything that does not decode raises a ValueError naming the file."""
-    name = f"{len(source)} bytes" if isinstance(source, (bytes, bytearray)) else f"file {os.fspath(source)!r}"
+def _row_blocks(height: int, row_bytes: int) -> list[tuple[int, int]]:
+    """`(first, last)` row ranges covering `height` rows, each about `_ROW_BLOCK_BYTES` at `row_bytes` per row."""
+    rows = max(1, _ROW_BLOCK_BYTES // max(1, row_bytes))
+    return [(first, min(first + rows, height)) for first in range(0, height, rows)]
+
+
+def _as_rgb(image: Image.Image) -> Image.Image:
+    """`image.convert("RGB")`; a mode PIL cannot convert raises a ValueError naming it."""
+    if image.mode == "RGB":
+        return image
     try:
-        handle = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
-        image = Image.open(handle)
+        return image.convert("RGB")
+    except ValueError as error:
+        raise ValueError(f"expected an image PIL can convert to RGB, got mode {image.mode!r}: {error}") from error
+
+
+def _rgb_rows(image: Image.Image, first: int, last: int) -> np.ndarray:
+    """Rows `first:last` of a loaded image as RGB: `[last - first, W, 3]` uint8."""
+    return np.array(_as_rgb(image.crop((0, first, image.width, last))))  # writable, for torch.from_numpy
+
+
+def _open_image_file(source: str | os.PathLike | bytes | bytearray) -> Image.Image:
+    """Opens and decodes an image file or file bytes (see [`load_image`] for the errors)."""
+    if isinstance(source, (bytes, bytearray)):
+        return _decode(lambda: Image.open(io.BytesIO(source)), f"{len(source)} bytes")
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        raise ValueError(f"expected an image file, but {path!r} is a directory")
+    try:
+        handle = open(path, "rb")
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "image file not found", path) from None
+    except OSError as error:
+        raise ValueError(f"expected a readable image file, but {path!r} could not be opened: {error}") from error
+    # Closing the handle is safe once the image is decoded: only its first frame is used.
+    with handle:
+        return _decode(lambda: Image.open(handle), f"file {path!r}")
+
+
+def _decode(open_image: Callable[[], Image.Image], name: str) -> Image.Image:
+    """The image `open_image` returns, with its pixels decoded; PIL's decoding errors become one-line ValueErrors."""
+    try:
+        image = open_image()
         image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError) as error:
-        raise ValueError(f"expected an image file, but {name} could not be decoded as an image: {error}") from error
+    except Image.DecompressionBombError as error:
+        raise ValueError(
+            f"expected an image of at most twice PIL's Image.MAX_IMAGE_PIXELS pixels, but {name} is larger: {error}"
+        ) from error
+    except Exception as error:  # noqa: BLE001
+        # PIL's format plugins raise many types on malformed data (OSError, SyntaxError, EOFError, struct.error,
+        # even AttributeError from Pillow 10's TIFF reader); each means the data does not decode.
+        raise ValueError(f"expected an image, but {name} could not be decoded as an image: {error}") from error
     return image
 
 
-def _array_to_image(array: np.ndarray) -> Image.Image:
-    """A numpy image (H×W, H×W×C or C×H×W) as a PIL image; floats are read as [0, 1]."""
-    if array.ndim == 3 and array.shape[0] in (1, 3, 4) and array.shape[-1] not in (1, 3, 4):
-        array = np.moveaxis(array, 0, -1)
-    if array.ndim == 3 and array.shape[-1] == 1:
-        array = array[..., 0]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
-        raise ValueError(
-            f"expected an image array of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, got {array.shape}"
-        )
+def _upright(image: Image.Image) -> Image.Image:
+    """`image` turned as its EXIF orientation tag says (a copy), or `image` itself when there is nothing to do."""
+    if image.getexif().get(_EXIF_ORIENTATION, 1) in _TURNED_ORIENTATIONS:
+        return ImageOps.exif_transpose(image)
+    return image
+
+
+def _describe_array(array: np.ndarray | torch.Tensor) -> str:
+    """How an error message names an array or tensor: its shape and dtype."""
+    dtype = array.dtype if isinstance(array, torch.Tensor) else f"numpy.{array.dtype}"
+    return f"an array of shape {tuple(array.shape)} and dtype {dtype}"
+
+
+def _tensor_to_array(tensor: torch.Tensor) -> tuple[np.ndarray, str]:
+    """A tensor's values as a numpy array (bfloat16 widened to float32, exactly), and a description of it."""
+    description = _describe_array(tensor)
+    tensor = tensor.detach().cpu()
+    if tensor.dtype == torch.bfloat16:
+        tensor = tensor.float()
+    if tensor.is_complex():
+        raise ValueError(f"expected real-valued pixels, got {description}")
+    try:
+        return tensor.numpy(), description
+    except (TypeError, RuntimeError) as error:
+        raise ValueError(f"expected a bool, integer or float tensor, got {description}") from error
+
+
+def _array_to_image(array: np.ndarray, description: str, channels_first_when_ambiguous: bool) -> Image.Image:
+    """An image array (see [`load_image`] for layouts and value ranges) as an 8-bit PIL image (L, RGB, RGBA)."""
+    if array.dtype.kind not in "buif":
+        raise ValueError(f"expected pixel values of a bool, integer or float dtype, got {description}")
+    array = _channels_last(array, description, channels_first_when_ambiguous)
     if array.size == 0:
-        raise ValueError(f"expected a non-empty image, got an array of shape {array.shape}")
-    if array.dtype != np.uint8:
-        array = np.asarray(array, dtype=np.float64)
-        if array.max(initial=0.0) <= 1.0:
-            array = array * 255.0
-        array = np.clip(array, 0, 255).round().astype(np.uint8)
-    return Image.fromarray(np.ascontiguousarray(array))
+        raise ValueError(f"expected a non-empty image, got {description}")
+    if array.dtype == np.uint8:
+        return Image.fromarray(np.ascontiguousarray(array))
+    row_values = array[:1].size
+    blocks = (
+        _eight_bit(array[first:last], _array_maximum(array.dtype), description)
+        for first, last in _row_blocks(array.shape[0], row_values * 8)
+    )
+    return Image.fromarray(_stack_rows(blocks, array.shape))
+
+
+def _channels_last(array: np.ndarray, description: str, channels_first_when_ambiguous: bool) -> np.ndarray:
+    """`array` as `[H, W]` or `[H, W, C]` with C in 3 / 4 (a view; a single channel is squeezed)."""
+    if array.ndim == 3:
+        first, last = array.shape[0] in _CHANNEL_COUNTS, array.shape[-1] in _CHANNEL_COUNTS
+        if first and (not last or channels_first_when_ambiguous):
+            array = np.moveaxis(array, 0, -1)
+        elif not last:
+            array = array[None]  # neither side is a channel count: refused below
+        if array.ndim == 3 and array.shape[-1] == 1:
+            array = array[..., 0]
+    if array.ndim not in (2, 3):
+        raise ValueError(
+            f"expected an image array of shape (H, W), (H, W, C) or (C, H, W) with C in 1/3/4, got {description}"
+        )
+    return array
+
+
+def _array_maximum(dtype: np.dtype) -> float:
+    """The value that means full intensity for an array of `dtype` (see [`load_image`])."""
+    if dtype == np.uint16:
+        return _SIXTEEN_BIT_MAX
+    return 1.0 if dtype.kind in "bf" else _EIGHT_BIT_MAX
+
+
+def _eight_bit_image_rows(image: Image.Image, maximum: float, description: str) -> np.ndarray:
+    """A single-band 16-bit or float PIL image as `[H, W]` uint8, one row block at a time."""
+    blocks = (
+        _eight_bit(np.asarray(image.crop((0, first, image.width, last))), maximum, description)
+        for first, last in _row_blocks(image.height, image.width * 8)
+    )
+    return _stack_rows(blocks, (image.height, image.width))
+
+
+def _stack_rows(blocks: Iterable[np.ndarray], shape: tuple[int, ...]) -> np.ndarray:
+    """Row blocks written one after the other into one uint8 array of `shape`."""
+    pixels = np.empty(shape, dtype=np.uint8)
+    first = 0
+    for block in blocks:
+        pixels[first : first + len(block)] = block
+        first += len(block)
+    return pixels
+
+
+def _eight_bit(values: np.ndarray, maximum: float, description: str) -> np.ndarray:
+    """Pixel values on the scale [0, `maximum`] as uint8 levels; refuses NaN, infinities and values off the scale.
+
+    Integers of 16-bit images map exactly as `round(v / 257)`; floats are rounded (half an 8-bit level of slack
+    on either side of the scale is accepted, as it rounds into it); bools give 0 / 255.
+    """
+    if values.dtype == np.bool_:
+        return values.astype(np.uint8) * 255
+    if values.dtype.kind == "f":
+        levels = values.astype(np.float64) * (255.0 / maximum)
+        if not np.isfinite(levels).all():
+            raise ValueError(f"expected finite pixel values, found NaN or infinity in {description}")
+        low, high = levels.min(), levels.max()
+        if low < -0.5 or high > 255.5:
+            found = values.min() if low < -0.5 else values.max()
+            raise ValueError(f"expected pixel values in [0, {maximum:g}] for {description}, found {found:g}")
+        return np.clip(np.round(levels), 0, 255).astype(np.uint8)
+    low, high = values.min(), values.max()
+    if low < 0 or high > maximum:
+        hint = "" if maximum == _SIXTEEN_BIT_MAX else " (16-bit data must be uint16)"
+        raise ValueError(
+            f"expected pixel values in [0, {maximum:g}] for {description}, found {low if low < 0 else high}{hint}"
+        )
+    if maximum == _SIXTEEN_BIT_MAX:
+        # round(v / 257) in integers: v / 257 is never exactly halfway, so this is (v + 128) // 257.
+        return ((values.astype(np.uint32) + 128) // 257).astype(np.uint8)
+    return values.astype(np.uint8)
 
 
 class TokenPackerImageProcessor(BaseImageProcessor):
@@ -240,10 +405,13 @@ class TokenPackerImageProcessor(BaseImageProcessor):
           rows·cols > 1), then those of image 1, ...
         - `image_grids`: `[num_images, 2]` int64 (rows, cols) per image; (1, 1) in pad/square mode.
 
-    In slice mode, images at least `4 ×` their resize target on both sides are first reduced with PIL's box
-    filter by an integer factor (keeping at least twice the target resolution), so a 100-megapixel image never
-    becomes a full-size float tensor. This differs from the original only for such images, by the tiny difference
-    between bilinear-from-full-size and bilinear-from-box-reduced.
+    Images come in through [`load_image`] (files, PIL images of any mode, numpy arrays, torch tensors). Large
+    images never become a full-size float, 16-bit or padded copy: conversions, the bicubic resize of pad / square
+    mode and the bilinear resize of slice mode run in row blocks, with exactly the pixels of the one-call
+    resizes. In slice mode, images at least `4 ×` their resize target on both sides are first reduced with PIL's
+    box filter by an integer factor (keeping at least twice the target resolution). This differs from the
+    original only for such images, by the tiny difference between bilinear-from-full-size and
+    bilinear-from-box-reduced.
     """
 
     valid_kwargs = TokenPackerImagesKwargs
@@ -336,7 +504,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
                 tiles.append(self._slice(image, grid, tile_size, thumbnail_from))
             else:
                 grid = (1, 1)
-                tiles.append(self._clip_preprocess(to_rgb_image(image), tile_size, pad=image_mode == "pad"))
+                tiles.append(self._clip_preprocess(image, tile_size, pad=image_mode == "pad"))
             grids.append(grid)
         if not tiles:
             raise ValueError("expected at least one image, got none")
@@ -347,27 +515,76 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         return BatchFeature(data=data)
 
     def _clip_preprocess(self, image: Image.Image, tile_size: int, pad: bool) -> torch.Tensor:
-        """Pad / square path: `[1, 3, S, S]`, the CLIPImageProcessor pipeline of the original (PIL bicubic)."""
-        if pad:
-            image = expand2square(image, tuple(int(mean * 255) for mean in self.image_mean))
-        pixels = np.asarray(image)  # [H, W, 3] uint8
+        """Pad / square path: `[1, 3, S, S]`, the CLIPImageProcessor pipeline of the original (PIL bicubic) on the
+        image, pasted centred on a square of the mean colour first when `pad` (LLaVA-1.5's `expand2square`)."""
+        padded = pad and image.width != image.height
+        side = max(image.height, image.width)
         size = get_resize_output_image_size(
-            pixels, size=tile_size, default_to_square=False, input_data_format=ChannelDimension.LAST
-        )
-        pixels = resize(
-            pixels, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST
-        )
+            np.broadcast_to(np.uint8(0), (side, side, 3) if padded else (image.height, image.width, 3)),
+            size=tile_size,
+            default_to_square=False,
+            input_data_format=ChannelDimension.LAST,
+        )  # only the shape of the (virtual) canvas is read
+        if padded:
+            background = tuple(int(mean * 255) for mean in self.image_mean)
+            pixels = _bicubic_resize_padded(image, side, background, size)
+        else:
+            pixels = _bicubic_resize(image, size)
         pixels = center_crop(pixels, (tile_size, tile_size), input_data_format=ChannelDimension.LAST)
         pixels = rescale(pixels, 1 / 255, input_data_format=ChannelDimension.LAST)
         pixels = normalize(pixels, self.image_mean, self.image_std, input_data_format=ChannelDimension.LAST)
         return torch.from_numpy(np.ascontiguousarray(pixels.transpose(2, 0, 1)))[None].float()
 
-    def _normalized_tensor(self, image: Image.Image) -> torch.Tensor:
-        """ToTensor + Normalize of the original: `[1, 3, H, W]` float32 from an RGB image."""
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1).float().div(255)
-        mean = torch.tensor(self.image_mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.image_std, dtype=torch.float32)[:, None, None]
-        return pixels.sub_(mean).div_(std)[None]
+    def _normalize_rows(self, destination: torch.Tensor, image: Image.Image, first: int, last: int) -> None:
+        """ToTensor + Normalize of the original, for rows `first:last` of `image`, written into `destination`
+        (`[last - first, W, 3]` float32)."""
+        mean = torch.tensor(self.image_mean, dtype=torch.float32)
+        std = torch.tensor(self.image_std, dtype=torch.float32)
+        destination.copy_(torch.from_numpy(_rgb_rows(image, first, last))).div_(255).sub_(mean).div_(std)
+
+    def _bilinear_resize(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """`[1, 3, h, w]`: the original's normalised float32 image resized to `size` (h, w) with
+        `F.interpolate(mode="bilinear")`, bit for bit. Large images go through
+        [`_bilinear_resize_in_blocks`], which never holds the whole float32 image."""
+        height, width = image.height, image.width
+        if height * width * 3 * 4 > 2 * _ROW_BLOCK_BYTES and hasattr(mmap, "MAP_PRIVATE"):
+            return self._bilinear_resize_in_blocks(image, size)
+        pixels = torch.empty(height, width, 3, dtype=torch.float32)
+        self._normalize_rows(pixels, image, 0, height)
+        return F.interpolate(pixels.permute(2, 0, 1)[None], size=size, mode="bilinear")
+
+    def _bilinear_resize_in_blocks(self, image: Image.Image, size: tuple[int, int]) -> torch.Tensor:
+        """[`_bilinear_resize`] one block of output rows at a time, each from one call on the full-size tensor.
+
+        The call must see the whole `[1, 3, H, W]` tensor: torch computes each output row's source rows and
+        weights from its index and the two heights, so a cropped input would shift them. That tensor lives in
+        private anonymous memory, where rows never written read as zeros without taking memory. Per block, only
+        the source rows its output rows read are written (normalised from the 8-bit image), its rows of the call
+        are kept, and the pages of rows no later block reads are handed back.
+        """
+        height, width = image.height, image.width
+        row_bytes = width * 3 * 4
+        memory = mmap.mmap(-1, height * row_bytes, flags=mmap.MAP_PRIVATE)
+        pixels = torch.frombuffer(memory, dtype=torch.float32).view(height, width, 3)
+        first_rows, end_rows = _bilinear_source_rows(height, size[0])
+        rows_per_block = max(_ROW_BLOCK_BYTES // row_bytes, -(-height // _MAX_BILINEAR_CALLS))
+        resized, written, released, start = None, 0, 0, 0
+        while start < size[0]:
+            # The output rows whose source rows fit in one block (at least one output row).
+            stop = max(start + 1, int(np.searchsorted(end_rows, first_rows[start] + rows_per_block, side="right")))
+            needed_from, needed_to = max(written, int(first_rows[start])), int(end_rows[stop - 1])
+            if needed_from < needed_to:
+                self._normalize_rows(pixels[needed_from:needed_to], image, needed_from, needed_to)
+                written = needed_to
+            block = F.interpolate(pixels.permute(2, 0, 1)[None], size=size, mode="bilinear")
+            if resized is None:
+                resized = block
+            else:
+                resized[:, :, start:stop] = block[:, :, start:stop]
+            if stop < size[0]:
+                released = _hand_back_pages(memory, released, int(first_rows[stop]) * row_bytes)
+            start = stop
+        return resized
 
     def _slice(
         self, image: Image.Image, grid: tuple[int, int], tile_size: int, thumbnail_from: str
@@ -381,21 +598,81 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         needed = target if thumbnail_from == "canvas" else (
             max(target[0], thumbnail_size[0]), max(target[1], thumbnail_size[1])
         )  # fmt: skip
-        pixels = self._normalized_tensor(to_rgb_image(reduce_for_target(image, needed)))
-        canvas = pixels.new_zeros(1, 3, rows * tile_size, cols * tile_size)
-        canvas[:, :, : target[0], : target[1]] = F.interpolate(pixels, size=target, mode="bilinear")
+        source = reduce_for_target(image, needed)
+        canvas = torch.zeros(1, 3, rows * tile_size, cols * tile_size)
+        canvas[:, :, : target[0], : target[1]] = self._bilinear_resize(source, target)
         tiles = canvas.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
         tiles = tiles.reshape(rows * cols, 3, tile_size, tile_size)
         if rows * cols == 1:
             return tiles
         # The original resizes the padded canvas (not the image) into the image's thumbnail box: the global view
         # carries the padding band squashed into the image's aspect ratio, as in the original.
-        source = canvas if thumbnail_from == "canvas" else pixels
         thumbnail = canvas.new_zeros(1, 3, tile_size, tile_size)
-        thumbnail[:, :, : thumbnail_size[0], : thumbnail_size[1]] = F.interpolate(
-            source, size=thumbnail_size, mode="bilinear"
+        thumbnail[:, :, : thumbnail_size[0], : thumbnail_size[1]] = (
+            F.interpolate(canvas, size=thumbnail_size, mode="bilinear")
+            if thumbnail_from == "canvas"
+            else self._bilinear_resize(source, thumbnail_size)
         )
         return torch.cat([tiles, thumbnail], dim=0)
+
+
+def _bilinear_source_rows(source_height: int, output_height: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each output row of a bilinear resize (align_corners=False): the first and one-past-last source row it
+    may read, `[output_height]` int64 each, non-decreasing.
+
+    torch reads rows floor(s) and floor(s) + 1 of s = max(0, (i + 0.5)·H/h - 0.5), computed in float32; one row
+    of margin on each side covers any difference from this float64 estimate.
+    """
+    source = np.maximum((np.arange(output_height) + 0.5) * (source_height / output_height) - 0.5, 0.0)
+    floor = np.floor(source).astype(np.int64)
+    return np.clip(floor - 1, 0, source_height), np.clip(floor + 3, 0, source_height)
+
+
+def _hand_back_pages(memory: mmap.mmap, start: int, end: int) -> int:
+    """Returns the whole pages of `memory[start:end]` (`start` page-aligned) to the system, where madvise exists;
+    they read as zeros afterwards. Returns the new page-aligned start of what is still held."""
+    end = end // mmap.PAGESIZE * mmap.PAGESIZE
+    if end <= start or not hasattr(memory, "madvise"):
+        return start
+    memory.madvise(mmap.MADV_DONTNEED, start, end - start)
+    return end
+
+
+def _bicubic_resize(image: Image.Image, size: tuple[int, int]) -> np.ndarray:
+    """`[h, w, 3]` uint8: the image resized to `size` (h, w) with PIL bicubic, in one PIL call on the image itself.
+
+    An "L" image is resized as it is and its result repeated into 3 channels: bicubic works per channel, so this
+    equals resizing its RGB copy, which is never made.
+    """
+    source = image if image.mode in ("RGB", "L") else _as_rgb(image)
+    pixels = resize(source, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+    return np.repeat(pixels, 3, axis=-1) if pixels.shape[-1] == 1 else pixels
+
+
+def _bicubic_resize_padded(
+    image: Image.Image, side: int, background: tuple[int, ...], size: tuple[int, int]
+) -> np.ndarray:
+    """`[h, w, 3]` uint8: the image pasted centred on a `side`×`side` square of colour `background`, resized to
+    `size` (h, w) with PIL bicubic, exactly as one PIL call on that square, without ever making the square.
+
+    PIL resizes in two passes, each rounding to 8 bits: along the width, then along the height (the order it takes
+    for a square resized to a square). The first pass runs here one row block of the square at a time; the
+    second runs on its result, only `w` pixels wide.
+    """
+    top, left = (side - image.height) // 2, (side - image.width) // 2
+    rows = np.empty((side, size[1], 3), dtype=np.uint8)
+    for first, last in _row_blocks(side, side * 3):
+        block = np.empty((last - first, side, 3), dtype=np.uint8)
+        block[:] = background
+        image_first, image_last = max(first - top, 0), min(last - top, image.height)
+        if image_first < image_last:
+            block[image_first + top - first : image_last + top - first, left : left + image.width] = _rgb_rows(
+                image, image_first, image_last
+            )
+        rows[first:last] = resize(
+            block, (last - first, size[1]), resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST
+        )
+    return resize(rows, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
 
 
 def flatten_images(images: Any) -> list[Any]:
