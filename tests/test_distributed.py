@@ -37,7 +37,8 @@ def mixed_dataset(root: Path) -> Path:
     """Eight samples, three with an image: a global batch of 4 as 2 ranks x 2 leaves at least one rank with a
     text-only batch in every epoch, which must not stall the ranks that gather the vision shards."""
     records = [qa("<image>\nWhat colour?", f"Shade {i}" + " light" * i + ".", f"{i}.png") for i in range(3)]
-    records += [qa(f"Say {word}.", f"{word.title()}" + "!" * i + ".") for i, word in enumerate(["hi", "yes", "no", "ok", "bye"])]
+    words = ["hi", "yes", "no", "ok", "bye"]
+    records += [qa(f"Say {word}.", f"{word.title()}" + "!" * i + ".") for i, word in enumerate(words)]
     return write_llava_dataset(root, records, {f"{i}.png": (16 + 4 * i, 16, 60 * i) for i in range(3)})
 
 
@@ -84,9 +85,9 @@ def single_process(tmp_path_factory) -> Path:
     return root
 
 
-def assert_trains_as_single_process(root: Path, output: Path) -> dict[str, torch.Tensor]:
-    """Checks `output`'s run against the 1-process run in `root` step by step and by its saved weights, which it
-    returns (loaded as the package's class)."""
+def assert_trains_as_single_process(root: Path, output: Path) -> None:
+    """Checks `output`'s run against the 1-process run in `root` step by step and by its saved weights, loaded
+    as the package's class."""
     single = root / "single"
     single_loss, loss = logged(single, "loss"), logged(output, "loss")
     assert len(single_loss) == len(loss) == STEPS
@@ -102,7 +103,6 @@ def assert_trains_as_single_process(root: Path, output: Path) -> dict[str, torch
     for name in trained:
         if ".vision_tower." in name:  # frozen in stage 2
             assert torch.equal(trained[name], initial[name]), name
-    return trained
 
 
 @pytest.mark.skipif(FSDP2_MISSING, reason="this accelerate has no FSDP2 (fsdp_version), which fsdp_cpu.yaml needs")
@@ -113,7 +113,8 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_save_a_loadable_checkpoin
     run(accelerate + train_command(root / "model", root / "data" / "data.json", output, per_device_batch=2), root)
 
     # accelerate's FSDP checkpointing wrote these: the run was sharded, not a silent fallback to DDP.
-    assert {"pytorch_model_fsdp.bin", "rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(output / f"checkpoint-{STEPS}"))
+    checkpoint = set(os.listdir(output / f"checkpoint-{STEPS}"))
+    assert {"pytorch_model_fsdp.bin", "rng_state_0.pth", "rng_state_1.pth"} <= checkpoint
     # The full state dict, gathered on rank 0, loads and equals the 1-process weights.
     assert_trains_as_single_process(root, output)
 
@@ -130,7 +131,8 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_save_a_loadable_checkpoin
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_zero3_two_cpu_processes_match_one_process(single_process):
     root, output = single_process, single_process / "zero3"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(free_port())]
     command = train_command(root / "model", root / "data" / "data.json", output, per_device_batch=2)
     # Without --use_cpu, which makes accelerate drop DeepSpeed; train.py puts it on the CPU over gloo.
     command.remove("--use_cpu")
