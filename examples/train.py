@@ -16,6 +16,11 @@ Several processes, unchanged (DDP; add a DeepSpeed or FSDP config from examples/
     torchrun --nproc_per_node 8 examples/train.py ... --deepspeed examples/configs/zero2.json
     accelerate launch --config_file examples/configs/fsdp.yaml examples/train.py ...
 
+The sharded paths also run on CPU (gloo), to try them without GPUs (docs/distributed.md):
+
+    accelerate launch --config_file examples/configs/fsdp_cpu.yaml examples/train.py ... --use_cpu
+    torchrun --nproc_per_node 2 examples/train.py ... --deepspeed examples/configs/zero3.json  # no --use_cpu
+
 Presets (the paper's two-stage recipe): `stage1` trains the projector only (the paper used lr 1e-3),
 `stage2` the projector and the LLM (lr 2e-5), `lora` LoRA adapters on the LLM plus the full projector. The vision
 tower stays frozen unless `--unfreeze_vision_tower`. Defaults follow the paper's recipe: activation checkpointing,
@@ -24,10 +29,15 @@ bf16 where the GPU supports it, cosine schedule, 3 % warm-up, no weight decay, 1
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import DistributedType
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
@@ -83,7 +93,31 @@ def parse_args() -> tuple[ModelArguments, DataArguments, TrainingArguments]:
         weight_decay=0.0,
         num_train_epochs=1,
     )
-    return parser.parse_args_into_dataclasses()
+    argv = sys.argv[1:]
+    if deepspeed_without_accelerator(argv):
+        argv = configure_deepspeed_on_cpu(argv)
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+def deepspeed_without_accelerator(argv: list[str]) -> bool:
+    """Whether this is one of several processes asked for `--deepspeed` on a machine without GPUs."""
+    wants_deepspeed = any(arg == "--deepspeed" or arg.startswith("--deepspeed=") for arg in argv)
+    return wants_deepspeed and "LOCAL_RANK" in os.environ and not torch.accelerator.is_available()
+
+
+def configure_deepspeed_on_cpu(argv: list[str]) -> list[str]:
+    """Sets up DeepSpeed's CPU accelerator over gloo before the arguments are parsed; returns `argv` telling
+    the Trainer to keep that state.
+
+    accelerate has no DeepSpeed path without a device: with `--use_cpu` it ignores DeepSpeed, and without it finds
+    no backend and counts one process, while DeepSpeed counts them all ("train_batch_size is not equal to
+    micro_batch_per_gpu * gradient_acc_step * world_size 2 != 2 * 1 * 2"). Given the gloo backend, accelerate
+    starts DeepSpeed's process group and a DEEPSPEED state on the CPU, which `use_configured_state` makes the
+    Trainer use instead of building its own. Run without `--use_cpu`, which would discard DeepSpeed again.
+    """
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # read here and again when the Trainer builds its Accelerator
+    PartialState(backend="gloo")
+    return [*argv, "--accelerator_config", json.dumps({"use_configured_state": True})]
 
 
 def load_model_and_processor(args: ModelArguments):
@@ -113,9 +147,24 @@ def load_model_and_processor(args: ModelArguments):
     return model, processor
 
 
+def allow_fsdp_on_cpu(training_args: TrainingArguments) -> None:
+    """Lets `accelerate launch` with an FSDP config shard on CPU (`--use_cpu`, e.g. examples/configs/fsdp_cpu.yaml).
+
+    accelerate applies its FSDP plugin only when the process group sits on an accelerator (its state takes
+    the FSDP branch for MULTI_GPU, MULTI_XPU, ... but not MULTI_CPU), so on CPU the Trainer silently falls back
+    to DDP. FSDP2 itself shards over gloo on CPU: declaring the CPU group a device group before the Trainer
+    builds its Accelerator lets accelerate turn it into FSDP; the device stays the CPU.
+    """
+    if not training_args.use_cpu or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true":
+        return
+    if PartialState().distributed_type == DistributedType.MULTI_CPU:
+        PartialState._shared_state["distributed_type"] = DistributedType.MULTI_GPU
+
+
 def main():
     model_args, data_args, training_args = parse_args()
     logging.basicConfig(level=logging.INFO if training_args.process_index == 0 else logging.WARNING)
+    allow_fsdp_on_cpu(training_args)
 
     model, processor = load_model_and_processor(model_args)
     model = apply_preset(
@@ -129,15 +178,13 @@ def main():
     dataset = LlavaDataset(
         data_args.data_path, processor, image_folder=data_args.image_folder, max_length=data_args.model_max_length
     )
-    if training_args.ddp_find_unused_parameters is None and any(not paths for _, paths in dataset.samples):
-        # A rank whose batch is text only leaves the projector without gradients; DDP must not wait for them.
-        training_args.ddp_find_unused_parameters = True
-
     trainer = Trainer(
         model=model,
         args=training_args,
         train_dataset=dataset,
-        data_collator=TokenPackerCollator(processor),
+        # With several processes every rank must run the vision tower and projector at every step (FSDP and
+        # ZeRO-3 gather their shards collectively, DDP waits for their gradients), even on a text-only batch.
+        data_collator=TokenPackerCollator(processor, blank_image_for_text_only=training_args.world_size > 1),
         processing_class=processor,
     )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)

@@ -368,7 +368,9 @@ def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
 
 
 def test_distributed_configs_are_complete_and_name_real_layers():
-    """DeepSpeed and FSDP can't run here (no GPU, no deepspeed); check what can be checked without them."""
+    """What the configs promise; tests/test_distributed.py runs FSDP2 (fsdp_cpu.yaml) and ZeRO-3 (zero3.json, when
+    deepspeed is installed) for real on two CPU processes, but the GPU-only settings (bf16, 8 processes) can't run
+    here."""
     import yaml
 
     configs = REPO_ROOT / "examples" / "configs"

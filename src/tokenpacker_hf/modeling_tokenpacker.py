@@ -73,6 +73,15 @@ def run_vision_tower(tower: nn.Module, pixel_values: torch.Tensor, layers: list[
     return kept
 
 
+def unsharded_class(module: nn.Module) -> type:
+    """`module`'s own class: FSDP2's `fully_shard` swaps it for a generated `FSDP<Name>(FSDPModule, <Name>)`."""
+    if not torch.distributed.is_available():
+        return type(module)
+    from torch.distributed.fsdp import FSDPModule
+
+    return next(cls for cls in type(module).__mro__ if not issubclass(cls, FSDPModule))
+
+
 class TokenPackerPreTrainedModel(PreTrainedModel):
     config: TokenPackerConfig
     base_model_prefix = "model"
@@ -90,6 +99,20 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module):
         if not init_in_projection(module):
             super()._init_weights(module)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, saving a model sharded by FSDP2 as its own class.
+
+        transformers saves remote code from the model's class module, and `fully_shard`'s generated class lives
+        in torch: the folder would get torch's `_fsdp_*.py` instead of this package's modules and an `auto_map`
+        entry `_fsdp_init.FSDPTokenPackerForConditionalGeneration` that no load can resolve.
+        """
+        sharded_class = type(self)
+        self.__class__ = unsharded_class(self)
+        try:
+            return super().save_pretrained(save_directory, *args, **kwargs)
+        finally:
+            self.__class__ = sharded_class
 
 
 class TokenPackerModel(TokenPackerPreTrainedModel):

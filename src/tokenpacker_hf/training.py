@@ -353,11 +353,15 @@ class TokenPackerCollator:
     Returns `input_ids`, `attention_mask`, `labels` `[B, L]` (padding: pad id / 0 / -100, on `padding_side`),
     and when any example has images `pixel_values [Σtiles, 3, S, S]` and `image_grids [Σimages, 2]` in batch
     order; text-only examples contribute no tiles.
+
+    `blank_image_for_text_only=True` (for several processes) gives a batch without images one blank image that
+    changes nothing: see `add_blank_image`.
     """
 
     processor: Any
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
+    blank_image_for_text_only: bool = False
 
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.padding_side not in ("left", "right"):
@@ -383,7 +387,34 @@ class TokenPackerCollator:
         if with_images:
             batch["pixel_values"] = torch.cat([example["pixel_values"] for example in with_images])
             batch["image_grids"] = torch.cat([example["image_grids"] for example in with_images])
+        elif self.blank_image_for_text_only:
+            batch = add_blank_image(batch, self.processor)
         return batch
+
+
+def add_blank_image(batch: dict[str, torch.Tensor], processor: Any) -> dict[str, torch.Tensor]:
+    """`batch` (text only, no `pixel_values`) with one blank image whose tokens follow the end of row 0, masked
+    out (attention 0, labels -100); the other rows are padded to the new length.
+
+    Under FSDP or DeepSpeed ZeRO-3 every rank must run the same sharded modules in the same order: a rank whose
+    batch is text only would skip the vision tower and projector while the others gather their parameters (a
+    hang on NCCL; gloo's "Received data size doesn't match expected size"), and under DDP it would leave the
+    projector without gradients. With the blank image every rank runs them. It changes no loss or gradient:
+    its positions come after every real token, which causal attention never lets read them, and they are
+    unsupervised, so the projector gets exact zeros from this rank, as from a rank that had no image.
+    """
+    encoded = processor.image_processor(Image.new("RGB", (1, 1)))
+    grid = tuple(encoded["image_grids"][0].tolist())
+    image_ids = torch.tensor(processor.image_token_layout(grid), dtype=torch.long)
+    rows, length = batch["input_ids"].shape
+    extra = {
+        "input_ids": torch.full((rows, len(image_ids)), processor.tokenizer.pad_token_id, dtype=torch.long),
+        "attention_mask": torch.zeros((rows, len(image_ids)), dtype=torch.long),
+        "labels": torch.full((rows, len(image_ids)), IGNORE_INDEX, dtype=torch.long),
+    }
+    extra["input_ids"][0] = image_ids
+    padded = {key: torch.cat([batch[key], extra[key]], dim=1) for key in extra}
+    return {**batch, **padded, "pixel_values": encoded["pixel_values"], "image_grids": encoded["image_grids"]}
 
 
 # ----------------------------------------------------------------------------------------------------------------
