@@ -87,7 +87,7 @@ def test_bench_e2e_smoke(tmp_path):
         "rows"
     ].keys()
 
-    # HD token counts: TokenPacker's (n + 1)(T + 1) (spec §3.6) against LLaVA-NeXT's anyres packing.
+    # HD token counts: TokenPacker's (n + 1)(T + 1) against LLaVA-NeXT's anyres packing.
     for label, hd_rows in results["hd"].items():
         ours, llava_next = hd_rows["tokenpacker-s2"], hd_rows["llava-next"]
         rows_, cols = ours["grid"]

@@ -1,6 +1,6 @@
 """Conversion of original (LLaVA-format) TokenPacker checkpoints, proven against the independent oracle.
 
-Each test writes a synthetic checkpoint in the authors' exact layout (spec §2: `LlavaLlamaForCausalLM` key names
+Each test writes a synthetic checkpoint in the authors' exact layout (`LlavaLlamaForCausalLM` key names
 and shapes, `model.mm_projector.*` with the stacked `clip_attn.in_proj_*`, `rotary_emb.inv_freq` buffers, an
 original `config.json`, `.bin` or safetensors shards with their index, a tokenizer without `<image>`) from three
 modules the oracle runs as the original code does: a CLIP tower, `OriginalTokenPacker` and a Llama LM. The
@@ -89,7 +89,7 @@ class Original:
         self.scale_factor = scale_factor
 
     def state_dict(self, with_tower: bool = True) -> dict[str, torch.Tensor]:
-        """Original key names (spec §2.1, §2.2), including the persistent `inv_freq` buffers of transformers 4.31."""
+        """Original key names, including the persistent `inv_freq` buffers of transformers 4.31."""
         state = {key: t.clone() for key, t in self.lm.state_dict().items()}
         head_dim = self.llama_config["hidden_size"] // self.llama_config["num_attention_heads"]
         for layer in range(self.llama_config["num_hidden_layers"]):
@@ -102,7 +102,7 @@ class Original:
         return state
 
     def config(self, **fields) -> dict:
-        """An original `config.json`: Llama fields plus the `mm_*` fields `train.py` writes (spec §2.3)."""
+        """An original `config.json`: Llama fields plus the `mm_*` fields `train.py` writes."""
         config = dict(
             architectures=["LlavaLlamaForCausalLM"], model_type="llava", torch_dtype="float32",
             transformers_version="4.31.0", mm_vision_tower="./clip-vit-large-patch14-336", mm_hidden_size=1024,

@@ -1,4 +1,4 @@
-"""TokenPackerImageProcessor against the original TokenPacker(-HD) preprocessing (spec §3 and §4.4)."""
+"""TokenPackerImageProcessor against the original TokenPacker(-HD) preprocessing."""
 
 import json
 import subprocess

@@ -1,4 +1,4 @@
-"""TokenPackerProcessor: the exact token layout of the original models (spec §3.5, §3.6, §4.3), bad input,
+"""TokenPackerProcessor: the exact token layout of the original models, bad input,
 save/load and remote code, and processor output driving the tiny model's `generate`."""
 
 import json

@@ -1,5 +1,6 @@
-"""Tests of `tokenpacker_hf.projector_tokenpacker` against the spec (`../shared/docs/tokenpacker-spec.md` §1) and
-against the independent original-formulation oracle in `tests/reference/original_tokenpacker.py`."""
+"""Tests of `tokenpacker_hf.projector_tokenpacker`: shapes, locality (each token sees only its own s×s region),
+the bilinear point query, and equality with the independent original-formulation oracle in
+`tests/reference/original_tokenpacker.py`."""
 
 from types import SimpleNamespace
 
@@ -218,7 +219,7 @@ def test_batch_items_are_independent():
     torch.testing.assert_close(together, alone, rtol=0, atol=1e-6)
 
 
-# --- locality (spec §1.3) -------------------------------------------------------------------------
+# --- locality -------------------------------------------------------------------------
 
 
 def perturb_each_patch(tensor: torch.Tensor) -> torch.Tensor:
@@ -269,7 +270,7 @@ def test_query_feature_outside_bilinear_support_changes_nothing(scale_factor):
     assert changed_tokens(reference.expand_as(perturbed), perturbed) == expected
 
 
-# --- bilinear identities (spec §1.4) and index mappings ------------------------------------------------
+# --- bilinear identities and index mappings ------------------------------------------------
 
 
 def as_grid(tensor: torch.Tensor, grid: int) -> torch.Tensor:
@@ -293,8 +294,8 @@ def test_bilinear_downsampling_identities(grid):
 
 
 def test_bf16_projector_interpolates_in_float32(monkeypatch):
-    """The bilinear downsampling of a bf16 projector runs in float32 and its result is cast back (spec §1.2
-    step 3), so the point-query projection sees bf16 again."""
+    """The bilinear downsampling of a bf16 projector runs in float32 and its result is cast back
+    to bf16, as in the original, so the point-query projection sees bf16 again."""
     seen = []
     interpolate = F.interpolate
 
@@ -332,7 +333,7 @@ def test_group_regions_and_space_to_depth_index_mapping(grid, scale_factor):
 
 
 def test_divide_feature_of_the_oracle_matches_spec_index_formula():
-    """The oracle's `divide_feature` (spec §1.3): sequence `dr·k + dc`, batch `(R·G + C)·N + n`."""
+    """The oracle's `divide_feature`: sequence `dr·k + dc`, batch `(R·G + C)·N + n`."""
     grid, k, images, channels = 6, 3, 2, 2
     x = torch.arange(grid * grid * images * channels).reshape(grid * grid, images, channels)
     out = OriginalTokenPacker.divide_feature(x, k, grid * grid, images, channels)
@@ -461,7 +462,7 @@ def test_bad_input_shape_names_expected_and_found(query_shape, region_shape, num
     assert all(number in str(error.value) for number in numbers)
 
 
-# --- self-checks of the oracle's LLaVA splice (spec §3.5, §4.2) ------------------------------------------
+# --- self-checks of the oracle's LLaVA splice ------------------------------------------
 
 
 class EmbeddingEcho(nn.Module):

@@ -29,8 +29,9 @@ logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
 PRESETS = ("stage1", "stage2", "lora")
-# LoRA on the language model's attention and MLP Linears only; a list target would be a suffix match that also
-# hits the vision tower's and the projector's q/k/v projections (hf-conventions §3.1).
+# LoRA on the language model's attention and MLP Linears only. PEFT reads a list of names as suffixes, so
+# ["q_proj", ...] would also hit the vision tower's and the projector's q/k/v projections; a regex is matched
+# against the whole module name.
 LORA_TARGET_MODULES = r"model\.language_model\.layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj)"
 LLAVA_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

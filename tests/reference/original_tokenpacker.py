@@ -1,10 +1,11 @@
-"""Independent reference ("oracle") for TokenPacker in the ORIGINAL formulation, written from the spec
-(`../shared/docs/tokenpacker-spec.md` §1, §3.5, §4.1-4.2), not from `tokenpacker_hf`.
+"""Independent reference ("oracle") for TokenPacker in the ORIGINAL formulation, written from the authors' code
+(CircleRadon/TokenPacker: the projector, the tower's feature selection and LLaVA's placeholder splice), not from
+`tokenpacker_hf`.
 
 It mirrors the authors' `llava/model/multimodal_projector/builder.py::TokenPacker` with the original parameter
 names (`q_proj_1`, `k_proj_1.0`, `clip_attn.in_proj_weight`, `mlp.2`, ...), so an original-format projector
-state dict (spec §2.1, prefix `model.mm_projector.` stripped) loads into `OriginalTokenPacker` with
-`load_state_dict(strict=True)`. The only generalisations are the widths the original hard-codes (spec §1.7):
+state dict (prefix `model.mm_projector.` stripped) loads into `OriginalTokenPacker` with
+`load_state_dict(strict=True)`. The only generalisations are the widths the original hard-codes:
 `Linear(4096, 1024)` is `Linear(num_levels * kv_dim, embed_dim)` here.
 
 Contents:
@@ -27,7 +28,7 @@ IMAGE_TOKEN_INDEX = -200
 
 
 class OriginalTokenPacker(nn.Module):
-    """TokenPacker's projector as the original code builds it (spec §1.2, §2.1).
+    """TokenPacker's projector as the original code builds it.
 
     Args:
         raw_grid: side of the patch grid (24 for CLIP ViT-L/14-336).
@@ -86,7 +87,7 @@ class OriginalTokenPacker(nn.Module):
 
     @staticmethod
     def divide_feature(x: torch.Tensor, kernel_size: int, token_num: int, N: int, c: int) -> torch.Tensor:
-        """Regroups a sequence-first grid into local windows (spec §1.3).
+        """Regroups a sequence-first grid into local windows.
 
         Args:
             x: `[token_num, N, c]`, token_num = h·w patches of a square grid in row-major order, N images.
@@ -153,7 +154,7 @@ def original_feature_select(
     layers: Sequence[int] = (12, 16, 22, 23),
     select_feature: str = "patch",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CLIP tower's `feature_select` (spec §1.1).
+    """The CLIP tower's `feature_select`.
 
     Args:
         hidden_states: the `output_hidden_states=True` tuple, `num_layers + 1` tensors `[B, 1 + P, C]` (index 0
@@ -174,7 +175,7 @@ def original_feature_select(
 def _slice_sequence(
     tiles: torch.Tensor, grid: tuple[int, int], separators: tuple[torch.Tensor, torch.Tensor]
 ) -> torch.Tensor:
-    """The embeddings that replace the `-200` of a slice-mode sample (spec §3.5).
+    """The embeddings that replace the `-200` of a slice-mode sample.
 
     Args:
         tiles: `[tiles, T, D]` projector outputs: rows·cols grid tiles in row-major order, then the thumbnail
@@ -207,7 +208,7 @@ def original_multimodal_forward(
     select_layer: int = -2,
     layers: Sequence[int] = (12, 16, 22, 23),
 ) -> torch.Tensor:
-    """Logits of one sample the way the original LLaVA-1.5-era TokenPacker computes them (spec §3.5, §4.2).
+    """Logits of one sample the way the original LLaVA-1.5-era TokenPacker computes them.
 
     1. `encode_images`: all tiles go through the tower (`output_hidden_states=True`, the full tower, as the
        original does), `original_feature_select`, cast back to the pixel dtype, then the projector in one call.
@@ -229,7 +230,7 @@ def original_multimodal_forward(
             tiles (+1 thumbnail when rows·cols > 1).
         grid: `(rows, cols)` of the slice grid; ignored in pad mode.
         separator_ids: `(comma_id, newline_id)`, 29892 and 0 (`<unk>`) for the released LLaMA models.
-        select_layer, layers: the tower's query layer and key/value levels (spec §1.1).
+        select_layer, layers: the tower's query layer and key/value levels.
     Returns:
         logits `[1, L, vocab]` over the expanded sequence.
     """
