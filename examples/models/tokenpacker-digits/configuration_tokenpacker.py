@@ -160,6 +160,16 @@ class TokenPackerConfig(PreTrainedConfig):
         return cls(vision_config=vision_config.to_dict(), text_config=text_config.to_dict(), **kwargs)
 
     @classmethod
+    def from_vision_text_pretrained(
+        cls, vision_model_name_or_path: str, text_model_name_or_path: str, **kwargs
+    ) -> "TokenPackerConfig":
+        """[`from_vision_text_configs`] with the configs of two checkpoints (Hub ids or folders)."""
+        return cls.from_vision_text_configs(
+            AutoConfig.from_pretrained(vision_model_name_or_path), AutoConfig.from_pretrained(text_model_name_or_path),
+            **kwargs,
+        )
+
+    @classmethod
     def from_dict(cls, config_dict: dict, **kwargs):
         """As `PreTrainedConfig.from_dict`, refusing the authors' unconverted LLaVA-format configs."""
         original = [key for key in ORIGINAL_CONFIG_KEYS if key in config_dict]

@@ -6,7 +6,7 @@ from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoModel, AutoModelForCausalLM
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -317,11 +317,10 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             config_kwargs: `TokenPackerConfig` fields (`scale_factor`, `region_feature_layers`, ...), validated
                 before any weight is read.
         """
-        config_kwargs.setdefault("image_token_index", processor.image_token_id if processor is not None else 32000)
-        config = TokenPackerConfig.from_vision_text_configs(
-            AutoConfig.from_pretrained(vision_model_name_or_path),
-            AutoConfig.from_pretrained(text_model_name_or_path),
-            **config_kwargs,
+        if processor is not None:
+            config_kwargs.setdefault("image_token_index", processor.image_token_id)
+        config = TokenPackerConfig.from_vision_text_pretrained(
+            vision_model_name_or_path, text_model_name_or_path, **config_kwargs
         )
         if processor is not None and processor.num_image_tokens != config.num_image_tokens:
             raise ValueError(

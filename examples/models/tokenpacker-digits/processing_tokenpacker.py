@@ -9,7 +9,7 @@ closed by the row separator, then the thumbnail and a row separator.
 
 from typing import Any
 
-from transformers import AutoConfig, AutoImageProcessor, AutoTokenizer
+from transformers import AutoImageProcessor, AutoTokenizer
 from transformers.feature_extraction_utils import BatchFeature
 from transformers.processing_utils import MultiModalData, ProcessingKwargs, ProcessorMixin
 
@@ -167,10 +167,8 @@ class TokenPackerProcessor(ProcessorMixin):
         `image_size` and normalises with the tower's own mean and std (CLIP's when the checkpoint has no
         preprocessor config); `chat_template` defaults to the original `vicuna_v1` format.
         """
-        config = TokenPackerConfig.from_vision_text_configs(
-            AutoConfig.from_pretrained(vision_model_name_or_path),
-            AutoConfig.from_pretrained(text_model_name_or_path),
-            **config_kwargs,
+        config = TokenPackerConfig.from_vision_text_pretrained(
+            vision_model_name_or_path, text_model_name_or_path, **config_kwargs
         )
         tokenizer = with_image_and_pad_tokens(AutoTokenizer.from_pretrained(text_model_name_or_path), image_token)
         image_processor = TokenPackerImageProcessor.from_vision_config(
