@@ -34,6 +34,7 @@ import logging
 import os
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import PartialState
@@ -60,6 +61,9 @@ class ModelArguments:
         default=None, metadata={"help": "From parts: tower layers for the region keys (default 12 16 22 23)."}
     )
     image_mode: str = field(default="pad", metadata={"help": "From parts: pad, or slice for TokenPacker-HD."})
+    chat_template: str | None = field(
+        default=None, metadata={"help": "From parts: a Jinja chat template file (default: the original vicuna_v1)."}
+    )
     preset: str = field(default="stage2", metadata={"help": f"What trains: one of {PRESETS}."})
     unfreeze_vision_tower: bool = field(default=False, metadata={"help": "Also train the vision tower."})
     lora_r: int = field(default=64, metadata={"help": "LoRA rank (preset lora)."})
@@ -136,8 +140,9 @@ def load_model_and_processor(args: ModelArguments):
     config = {"scale_factor": args.scale_factor}
     if args.region_feature_layers:
         config["region_feature_layers"] = args.region_feature_layers
+    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
     processor = TokenPackerProcessor.from_vision_text_pretrained(
-        args.vision_tower, args.language_model, image_mode=args.image_mode, **config
+        args.vision_tower, args.language_model, image_mode=args.image_mode, chat_template=chat_template, **config
     )
     model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
         args.vision_tower, args.language_model, processor=processor, dtype=dtype, **config

@@ -159,21 +159,29 @@ def test_readme_main_command_prints_the_sample_digits():
     assert result.stdout.strip() == "3168"
 
 
+DIGITS_SCRIPTS = ("compare_projectors", "recipe", "pretrain_parts", "train", "make_data")
+
+
 @pytest.fixture
-def compare_projectors(monkeypatch):
-    """The comparison script imported in this process (a fresh interpreter would spend most of the test importing
-    transformers); its `train` and `make_data` imports resolve to examples/digits, and the thread count it sets
-    is restored afterwards."""
+def digits_script(monkeypatch):
+    """Imports examples/digits scripts in this process (a fresh interpreter would spend most of a test importing
+    transformers); their `train` and `make_data` imports resolve to examples/digits, and the thread count they
+    set is restored afterwards."""
     import torch
 
     threads = torch.get_num_threads()
     monkeypatch.syspath_prepend(str(DIGITS))
-    for name in ("compare_projectors", "train", "make_data"):
+    for name in DIGITS_SCRIPTS:
         monkeypatch.delitem(sys.modules, name, raising=False)
-    yield importlib.import_module("compare_projectors")
-    for name in ("compare_projectors", "train", "make_data"):
+    yield importlib.import_module
+    for name in DIGITS_SCRIPTS:
         sys.modules.pop(name, None)
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def compare_projectors(digits_script):
+    return digits_script("compare_projectors")
 
 
 def test_compare_projectors_smoke_writes_results_table_and_plot(tmp_path, compare_projectors):
@@ -193,3 +201,42 @@ def test_compare_projectors_smoke_writes_results_table_and_plot(tmp_path, compar
     assert re.search(r"\| mlp \| 64 \| ", text)
     with Image.open(plot) as image:
         assert image.format == "PNG" and image.size[0] > 300
+
+
+def test_recipe_smoke_composes_pretrained_parts_trains_both_stages_and_compares_projectors(tmp_path, digits_script):
+    from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
+
+    from tokenpacker_hf import TokenPackerConfig
+
+    doc = tmp_path / "digits.md"
+    doc.write_text("<!-- results:start -->\nrandom\n<!-- results:end -->\n"
+                   "<!-- recipe:start -->\nold\n<!-- recipe:end -->\n<!-- results-pretrained:start -->\nold\n"
+                   "<!-- results-pretrained:end -->\n")
+    results = digits_script("recipe").main(["--work_dir", str(tmp_path), "--smoke", "--doc", str(doc)])
+
+    # The parts are ordinary checkpoints: a CLIP tower with its image processor, a Llama whose tokenizer has no
+    # <image> until composing adds it.
+    parts = tmp_path / "parts"
+    assert AutoConfig.from_pretrained(parts / "clip-digits").model_type == "clip_vision_model"
+    assert isinstance(CLIPVisionModel.from_pretrained(parts / "clip-digits"), CLIPVisionModel)
+    assert (parts / "clip-digits" / "preprocessor_config.json").is_file()
+    assert isinstance(LlamaForCausalLM.from_pretrained(parts / "llama-digits"), LlamaForCausalLM)
+    llm_tokenizer = AutoTokenizer.from_pretrained(parts / "llama-digits")
+    assert "<image>" not in llm_tokenizer.get_vocab()
+    config = TokenPackerConfig.from_pretrained(tmp_path / "stage2")
+    assert config.image_token_index == len(llm_tokenizer) and config.num_image_tokens == 4
+
+    assert [results[stage]["steps"] for stage in ("stage1", "stage2")] == [2, 2]
+    assert json.loads((tmp_path / "recipe.json").read_text())["stage2"] == results["stage2"]
+    assert re.search(r"\| stage 1 \| projector \| 2 \| 0\.001 \| [01]\.\d{3} \|", doc.read_text())
+
+    argv = ["--smoke", "--projectors", "tokenpacker", "--seeds", "0", "--doc", str(doc),
+            "--vision_tower", str(parts / "clip-digits"), "--language_model", str(parts / "llama-digits"),
+            "--results", str(tmp_path / "pretrained.json"), "--plot", str(tmp_path / "pretrained.png"),
+            "--data-dir", str(tmp_path / "data")]
+    assert digits_script("compare_projectors").main(argv) == 0
+    runs = json.loads((tmp_path / "pretrained.json").read_text())["runs"]
+    assert [(run["projector_type"], run["parts"]) for run in runs] == [("tokenpacker", "pretrained")]
+    text = doc.read_text()
+    assert "random" in text and "old" not in text  # the random-tower table stays; the other two are rewritten
+    assert "vision tower frozen, pretrained on digit classification" in text

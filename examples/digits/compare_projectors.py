@@ -10,6 +10,11 @@ use handwriting never seen in training.
     python examples/digits/compare_projectors.py            # 4 projectors × 3 seeds, ~50 min on one CPU thread
     python examples/digits/compare_projectors.py --smoke    # a few steps per run, into a temporary folder
 
+The paper's setting, a pretrained frozen tower and a pretrained LLM (`pretrain_parts.py` makes them; each model is
+composed with `from_vision_text_pretrained`, only the projector new), gets its own table, JSON and plot:
+
+    python examples/digits/compare_projectors.py --vision_tower PARTS/clip-digits --language_model PARTS/llama-digits
+
 Writes the raw runs as JSON, the results table into the markdown document (between the `results` markers, or
 as a new document), and a plot of digit accuracy against image tokens.
 """
@@ -33,7 +38,6 @@ import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 PROJECTORS = ("tokenpacker", "avg_pool", "pixel_shuffle", "mlp")
-TABLE_START, TABLE_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,18 +53,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="raw JSON (default benchmarks/results/digits_comparison.json)")
     parser.add_argument("--doc", type=Path, help="markdown document for the table (default docs/digits.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default docs/digits_accuracy.png)")
+    parser.add_argument("--vision_tower", type=Path, help="compose from pretrain_parts.py's tower (with --language_model)")
+    parser.add_argument("--language_model", type=Path, help="compose from pretrain_parts.py's LLM (with --vision_tower)")
     parser.add_argument("--smoke", action="store_true", help="2 tiny steps per run, outputs in a temporary folder")
     args = parser.parse_args(argv)
+    if (args.vision_tower is None) != (args.language_model is None):
+        parser.error("--vision_tower and --language_model go together")
+    # Runs from pretrained parts get their own table, results and plot, next to the random-tower ones.
+    args.table = "results-pretrained" if args.vision_tower else "results"
+    suffix = "_pretrained" if args.vision_tower else ""
     if args.smoke:
         args.steps, args.batch_size, args.num_train, args.eval_samples = 2, 4, 8, 4
         # A smoke run must never overwrite the measured results.
         scratch = Path(tempfile.mkdtemp(prefix="digits-smoke-"))
-        args.results = args.results or scratch / "digits_comparison.json"
+        args.results = args.results or scratch / f"digits_comparison{suffix}.json"
         args.doc = args.doc or scratch / "digits.md"
-        args.plot = args.plot or scratch / "digits_accuracy.png"
-    args.results = args.results or REPO / "benchmarks" / "results" / "digits_comparison.json"
+        args.plot = args.plot or scratch / f"digits_accuracy{suffix}.png"
+    args.results = args.results or REPO / "benchmarks" / "results" / f"digits_comparison{suffix}.json"
     args.doc = args.doc or REPO / "docs" / "digits.md"
-    args.plot = args.plot or REPO / "docs" / "digits_accuracy.png"
+    args.plot = args.plot or REPO / "docs" / f"digits_accuracy{suffix}.png"
     return args
 
 
@@ -80,6 +91,8 @@ def run_one(args: argparse.Namespace, projector: str, seed: int, data_dir: Path,
         "--seed", str(seed),
         "--logging_steps", str(max(args.steps // 10, 1)),
     ]
+    if args.vision_tower:
+        argv += ["--vision_tower", str(args.vision_tower), "--language_model", str(args.language_model)]
     digits_args, training_args = train.parse_args(argv)
     return train.run(digits_args, training_args, save=False, encoded=encoded)
 
@@ -114,7 +127,8 @@ def markdown_table(rows: list[dict[str, Any]], settings: dict[str, Any]) -> str:
     lines += [
         "",
         f"{settings['steps']} steps of batch {settings['batch_size']} each (lr {settings['learning_rate']}, cosine), "
-        f"vision tower {settings['vision_tower']}, {settings['num_train']} training grids, "
+        f"vision tower {settings['vision_tower']}, LLM {settings.get('language_model', 'random')}, "
+        f"{settings['num_train']} training grids, "
         f"{settings['eval_samples']} held-out grids read with greedy decoding, {settings['threads']} CPU thread(s); "
         f"mean ± std over seeds {settings['seeds']}.",
     ]
@@ -130,15 +144,17 @@ def write_results(
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 
-def write_table(doc: Path, table: str) -> None:
-    """Replaces the text between the results markers of `doc`, or writes a new document holding only the table."""
-    block = f"{TABLE_START}\n{table}\n{TABLE_END}"
-    if doc.is_file() and TABLE_START in doc.read_text():
+def write_table(doc: Path, table: str, name: str = "results") -> None:
+    """Replaces the text between the `<!-- {name}:start -->` and `<!-- {name}:end -->` markers of `doc`, or writes
+    a new document holding only the table."""
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{table}\n{end}"
+    if doc.is_file() and start in doc.read_text():
         text = doc.read_text()
-        before, rest = text.split(TABLE_START, 1)
-        if TABLE_END not in rest:
-            raise ValueError(f"{doc}: found {TABLE_START} but no {TABLE_END} after it")
-        doc.write_text(before + block + rest.split(TABLE_END, 1)[1])
+        before, rest = text.split(start, 1)
+        if end not in rest:
+            raise ValueError(f"{doc}: found {start} but no {end} after it")
+        doc.write_text(before + block + rest.split(end, 1)[1])
     else:
         doc.parent.mkdir(parents=True, exist_ok=True)
         doc.write_text(f"# Projectors at equal token budget on the digits task\n\n{block}\n")
@@ -161,7 +177,10 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, set
     axes.set_ylabel("held-out digit accuracy")
     axes.set_ylim(0, 1)
     axes.grid(alpha=0.3)
-    axes.set_title(f"2×2 handwritten digits, frozen tower, {settings['steps']} steps, {len(settings['seeds'])} seeds")
+    axes.set_title(
+        f"2×2 digits, tower {settings['vision_tower']}, {settings['steps']} steps, {len(settings['seeds'])} seeds",
+        fontsize=9,
+    )
     axes.legend(loc="lower right")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -176,7 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {
         "steps": args.steps,
         "batch_size": args.batch_size,
-        "vision_tower": "frozen",
+        "vision_tower": "frozen, pretrained on digit classification" if args.vision_tower else "frozen, random",
+        "language_model": "pretrained on the task's text" if args.language_model else "random",
         "num_train": args.num_train,
         "eval_samples": args.eval_samples,
         "threads": args.threads,
@@ -193,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     settings["learning_rate"] = runs[0]["learning_rate"]
     rows = summarize(runs)
     write_results(args.results, settings, runs, complete=True, summary=rows)
-    write_table(args.doc, markdown_table(rows, settings))
+    write_table(args.doc, markdown_table(rows, settings), args.table)
     plot(rows, runs, args.plot, settings)
     print(markdown_table(rows, settings))
     print(f"wrote {args.results}, {args.doc}, {args.plot}")

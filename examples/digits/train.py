@@ -39,27 +39,9 @@ from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_pre
 QUESTION = make_data.PROMPT.replace("<image>", "").strip()
 MODEL_CARD_REPO = "examples/models/tokenpacker-digits"  # where the shipped model lives, relative to the repo root
 
-# "USER: <image>\nRead the digits. ASSISTANT: 3805</s>": the vicuna_v1 turn format without its ~150-token
-# system prompt, which on a byte-level vocabulary would triple the sequence and the cost of every step.
-# A system message, if given, is prepended as plain text.
-CHAT_TEMPLATE = (
-    "{%- macro text(message) -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
-    "{%- endif -%}"
-    "{%- endmacro -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{- text(message) + ' ' -}}"
-    "{%- elif message['role'] == 'user' -%}{{- 'USER: ' -}}"
-    "{%- if message['content'] is not string -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- text(message) + ' ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' + text(message) + '</s>' -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
+# The vicuna_v1 turn format without its ~150-token system prompt, which on a byte-level vocabulary would triple
+# the sequence and the cost of every step.
+CHAT_TEMPLATE = (Path(__file__).parent / "chat_template.jinja").read_text()
 
 
 @dataclass
@@ -72,6 +54,12 @@ class DigitsArguments:
         default=False, metadata={"help": "Keep the random tower frozen (as LLaVA freezes CLIP); default trains it."}
     )
     config: str | None = field(default=None, metadata={"help": "A TokenPackerConfig JSON to use instead of ours."})
+    vision_tower: str | None = field(
+        default=None, metadata={"help": "Compose from pretrained parts (pretrain_parts.py): a CLIP tower folder."}
+    )
+    language_model: str | None = field(
+        default=None, metadata={"help": "With --vision_tower: a causal LM folder with its tokenizer."}
+    )
     data_dir: str | None = field(
         default=None, metadata={"help": "Dataset folder (make_data.py layout); generated here if it has no train.json."}
     )
@@ -96,11 +84,18 @@ def digits_config(projector_type: str = "tokenpacker", scale_factor: int = 4) ->
         vision_config=vision,
         text_config=text,
         image_token_index=IMAGE_TOKEN_ID,
-        vision_feature_layer=-2,
-        region_feature_layers=[1, 2, 3, 4],
-        scale_factor=scale_factor,
-        projector_type=projector_type,
+        **digits_layout(projector_type, scale_factor),
     )
+
+
+def digits_layout(projector_type: str = "tokenpacker", scale_factor: int = 4) -> dict[str, Any]:
+    """The TokenPacker fields of the digits model, whatever its tower and LLM."""
+    return {
+        "vision_feature_layer": -2,
+        "region_feature_layers": [1, 2, 3, 4],
+        "scale_factor": scale_factor,
+        "projector_type": projector_type,
+    }
 
 
 def build_processor(config: TokenPackerConfig) -> TokenPackerProcessor:
@@ -184,13 +179,26 @@ def evaluate(
     return {**score(read_digits(model, processor, images), truths), "eval_samples": len(records)}
 
 
-def build_model(args: DigitsArguments) -> TokenPackerForConditionalGeneration:
-    """A randomly initialised model; `--config` replaces our tiny config."""
+def build_model(args: DigitsArguments) -> tuple[TokenPackerForConditionalGeneration, TokenPackerProcessor]:
+    """The model and its processor: composed from `--vision_tower` and `--language_model` (the paper's start,
+    only the projector new), else randomly initialised from our tiny config or `--config`."""
+    if args.vision_tower or args.language_model:
+        if not (args.vision_tower and args.language_model):
+            raise SystemExit("error: --vision_tower and --language_model go together")
+        layout = digits_layout(args.projector_type, args.scale_factor)
+        processor = TokenPackerProcessor.from_vision_text_pretrained(
+            args.vision_tower, args.language_model, image_mode="square", chat_template=CHAT_TEMPLATE, **layout
+        )
+        model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
+            args.vision_tower, args.language_model, processor=processor, **layout
+        )
+        return model, processor
     if args.config:
         config = TokenPackerConfig.from_json_file(args.config)
     else:
         config = digits_config(args.projector_type, args.scale_factor)
-    return TokenPackerForConditionalGeneration(config)
+    model = TokenPackerForConditionalGeneration(config)
+    return model, build_processor(model.config)
 
 
 def training_dataset(data_dir: Path, processor: TokenPackerProcessor) -> CachedDataset:
@@ -218,8 +226,7 @@ def run(
     ensure_data(data_dir, args.num_train, args.num_test, args.data_seed_offset)
 
     torch.manual_seed(training_args.seed)  # the weights are drawn here, before the Trainer seeds anything
-    model = build_model(args)
-    processor = build_processor(model.config)
+    model, processor = build_model(args)
     # Both presets train the projector and the LLM (stage 2); the tower trains too unless frozen.
     model = apply_preset(model, "stage2", unfreeze_vision_tower=not args.freeze_vision_tower)
     encoded = {} if encoded is None else encoded
@@ -242,6 +249,7 @@ def run(
         "scale_factor": model.config.scale_factor,
         "image_tokens": model.config.num_image_tokens,
         "vision_tower": "frozen" if args.freeze_vision_tower else "trained",
+        "parts": "pretrained" if args.vision_tower else "random",
         "seed": training_args.seed,
         "steps": train_output.global_step,
         "batch_size": training_args.per_device_train_batch_size,
