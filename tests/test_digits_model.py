@@ -204,6 +204,7 @@ def test_compare_projectors_smoke_writes_results_table_and_plot(tmp_path, compar
 
 
 def test_recipe_smoke_composes_pretrained_parts_trains_both_stages_and_compares_projectors(tmp_path, digits_script):
+    from accelerate.utils import FullyShardedDataParallelPlugin
     from transformers import AutoConfig, AutoTokenizer, CLIPVisionModel, LlamaForCausalLM
 
     from tokenpacker_hf import TokenPackerConfig
@@ -212,7 +213,9 @@ def test_recipe_smoke_composes_pretrained_parts_trains_both_stages_and_compares_
     doc.write_text("<!-- results:start -->\nrandom\n<!-- results:end -->\n"
                    "<!-- recipe:start -->\nold\n<!-- recipe:end -->\n<!-- results-pretrained:start -->\nold\n"
                    "<!-- results-pretrained:end -->\n")
-    results = digits_script("recipe").main(["--work_dir", str(tmp_path), "--smoke", "--doc", str(doc)])
+    # FSDP2 needs an accelerate with `fsdp_version` (1.3, the floor, has none): there the check is left out.
+    fsdp2 = ["--fsdp2_steps", "2"] if "fsdp_version" in FullyShardedDataParallelPlugin.__dataclass_fields__ else []
+    results = digits_script("recipe").main(["--work_dir", str(tmp_path), "--smoke", "--doc", str(doc), *fsdp2])
 
     # The parts are ordinary checkpoints: a CLIP tower with its image processor, a Llama whose tokenizer has no
     # <image> until composing adds it.
@@ -229,6 +232,10 @@ def test_recipe_smoke_composes_pretrained_parts_trains_both_stages_and_compares_
     assert [results[stage]["steps"] for stage in ("stage1", "stage2")] == [2, 2]
     assert json.loads((tmp_path / "recipe.json").read_text())["stage2"] == results["stage2"]
     assert re.search(r"\| stage 1 \| projector \| 2 \| 0\.001 \| [01]\.\d{3} \|", doc.read_text())
+    if fsdp2:  # sharded on 2 processes, stage 2 trains as on one: the same losses and weights up to rounding
+        assert results["fsdp2"]["max_abs_loss_difference"] < 1e-4 and results["fsdp2"]["max_abs_weight_difference"] < 1e-5
+        assert (tmp_path / "stage2-fsdp2" / "checkpoint-2" / "pytorch_model_fsdp.bin").is_file()  # it was sharded
+        assert "sharded with FSDP2 on 2 CPU processes" in doc.read_text()
 
     argv = ["--smoke", "--projectors", "tokenpacker", "--seeds", "0", "--doc", str(doc),
             "--vision_tower", str(parts / "clip-digits"), "--language_model", str(parts / "llama-digits"),

@@ -86,7 +86,7 @@ class QuadrantClassifier(nn.Module):
 
 
 def pretrain_tower(data_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
-    """Trains the tower on quadrant classification; saves it and its image processor to `out`."""
+    """Trains the tower on quadrant classification (see `QuadrantClassifier`); saves it and its image processor to `out`."""
     torch.manual_seed(seed)
     config = tower_config()
     image_processor = CLIPImageProcessor(
