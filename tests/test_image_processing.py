@@ -192,7 +192,8 @@ def test_pad_colour_follows_the_configured_mean():
 # ---------------------------------------------------------------------------------------------------- slice
 
 
-@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (1200, 300), (37, 5)])
+# A 3500×1400 panorama is 4 × its 336×840 resize: it was box-reduced by default before.
+@pytest.mark.parametrize("size", [(640, 480), (480, 640), (300, 300), (1200, 300), (37, 5), (3500, 1400)])
 def test_slice_mode_matches_the_original_pipeline(size):
     width, height = size
     image = noise_image(width, height, seed=width)
@@ -480,7 +481,8 @@ def peak_memory_growth(path: Path, image_mode: str) -> dict:
 
 
 def test_a_100_megapixel_16_bit_png_in_slice_mode_stays_within_one_rgb_copy(tmp_path):
-    """Before the row blocks this grew by 1690 MiB (a float64 copy of the 16-bit image, and more)."""
+    """Before the row blocks this grew by 1690 MiB (a float64 copy of the 16-bit image, and more). It is resized
+    from full resolution, as the original does (no box-reduce)."""
     rows, cols = np.arange(10000, dtype=np.uint16)[:, None], np.arange(10000, dtype=np.uint16)[None, :]
     Image.fromarray(rows * 6 + cols * 3).save(tmp_path / "gradient16.png", compress_level=1)  # 16-bit, wraps
     report = peak_memory_growth(tmp_path / "gradient16.png", "slice")
