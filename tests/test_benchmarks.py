@@ -205,3 +205,18 @@ def test_bench_compose_memory_smoke(tmp_path):
     assert report["model_bytes"] == report["tower_bytes"] + report["llm_bytes"] > 0
     assert report["peak_over_model"] == report["peak_rss_bytes"] / report["model_bytes"]
     assert not any(workdir.iterdir())  # both parts are cleaned up
+
+
+def test_bench_image_memory_smoke(tmp_path):
+    workdir = tmp_path / "work"
+    workdir.mkdir()
+    process = run_script("bench_image_memory.py", "--workdir", str(workdir), "--output", str(tmp_path / "result.json"))
+    report = json.loads((tmp_path / "result.json").read_text())
+    [row] = report["rows"]
+    for column in ("exact", "box_reduce"):
+        assert row[column]["growth_mib"] > 0 and row[column]["seconds"] > 0 and len(row[column]["runs"]) == 1
+        assert row[column]["grid"] == [2, 3]
+    assert row["exact_over_box_reduce"]["seconds"] == row["exact"]["seconds"] / row["box_reduce"]["seconds"]
+    assert row["rgb_copy_mib"] == 1600 * 1200 * 3 / 2**20 and row["file_bytes"] > 0
+    assert "| default / box-reduce |" in process.stdout
+    assert not any(workdir.iterdir())  # the photo is deleted
