@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -37,10 +38,9 @@ from transformers import (
 
 import train
 from tokenpacker_hf.image_processing_tokenpacker import to_rgb_image
-from tokenpacker_hf.tiny import SPECIAL_TOKENS, byte_level_backend
+from tokenpacker_hf.tiny import make_tokenizer
 
 GRID = 2  # digits per side of an image
-LLM_SPECIAL_TOKENS = [token for token in SPECIAL_TOKENS if token != "<image>"]
 
 
 def tower_config() -> CLIPVisionConfig:
@@ -85,6 +85,23 @@ class QuadrantClassifier(nn.Module):
         return self.head(self.norm(quadrants))
 
 
+def fit(model: nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr: float, description: str) -> float:
+    """`steps` AdamW steps on `batch_loss()` (a fresh batch each call) with a cosine schedule after a 5% warm-up,
+    as the Trainer's defaults here; leaves `model` in eval mode and returns the last loss."""
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
+    model.train()
+    for _ in (bar := tqdm(range(steps), desc=description, unit="step")):
+        loss = batch_loss()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+    return loss.item()
+
+
 def pretrain_tower(data_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
     """Trains the tower on quadrant classification (see `QuadrantClassifier`); saves it and its image processor to `out`."""
     torch.manual_seed(seed)
@@ -95,20 +112,14 @@ def pretrain_tower(data_dir: Path, out: Path, steps: int, batch_size: int, lr: f
     train_pixels, train_labels = load_split(data_dir, "train", image_processor)
     test_pixels, test_labels = load_split(data_dir, "test", image_processor)
     model = QuadrantClassifier(CLIPVisionModel(config))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
     generator = torch.Generator().manual_seed(seed)
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="pretraining the tower", unit="step")):
+
+    def batch_loss() -> torch.Tensor:
         index = torch.randint(len(train_pixels), (batch_size,), generator=generator)
         logits = model(train_pixels[index])
-        loss = nn.functional.cross_entropy(logits.flatten(0, 1), train_labels[index].flatten())
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return nn.functional.cross_entropy(logits.flatten(0, 1), train_labels[index].flatten())
+
+    fit(model, batch_loss, steps, lr, "pretraining the tower")
     with torch.inference_mode():
         predicted = torch.cat([model(chunk).argmax(-1) for chunk in test_pixels.split(256)])
     model.tower.save_pretrained(out)
@@ -117,16 +128,10 @@ def pretrain_tower(data_dir: Path, out: Path, steps: int, batch_size: int, lr: f
 
 
 def llm_tokenizer() -> PreTrainedTokenizerFast:
-    """The package's byte-level tokenizer without `<image>` (vocab 260)."""
-    return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_backend(LLM_SPECIAL_TOKENS),
-        bos_token="<s>",
-        eos_token="</s>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        padding_side="right",
-        chat_template=train.CHAT_TEMPLATE,
-    )
+    """The package's byte-level tokenizer without `<image>` (vocab 260), with the digits chat template."""
+    tokenizer = make_tokenizer(padding_side="right", image_token=False)
+    tokenizer.chat_template = train.CHAT_TEMPLATE
+    return tokenizer
 
 
 def transcribed_conversation(tokenizer: PreTrainedTokenizerFast, rng: random.Random) -> str:
@@ -143,24 +148,18 @@ def pretrain_llm(out: Path, steps: int, batch_size: int, lr: float, seed: int) -
     rng = random.Random(seed)
     tokenizer = llm_tokenizer()
     model = LlamaForCausalLM(llm_config(len(tokenizer)))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = get_cosine_schedule_with_warmup(optimizer, max(1, steps // 20), steps)
-    model.train()
-    for _ in (bar := tqdm(range(steps), desc="pretraining the LLM", unit="step")):
+
+    def batch_loss() -> torch.Tensor:
         texts = [transcribed_conversation(tokenizer, rng) for _ in range(batch_size)]
         batch = tokenizer(texts, return_tensors="pt", padding=True)
         labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
-        loss = model(**batch, labels=labels).loss
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+        return model(**batch, labels=labels).loss
+
+    loss = fit(model, batch_loss, steps, lr, "pretraining the LLM")
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    return {"steps": steps, "final_loss": loss.item()}
+    return {"steps": steps, "final_loss": loss}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

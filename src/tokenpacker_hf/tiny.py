@@ -26,19 +26,21 @@ def byte_level_backend(special_tokens: list[str]) -> Tokenizer:
     return backend
 
 
-def make_tokenizer(padding_side: str = "left") -> PreTrainedTokenizerFast:
+def make_tokenizer(padding_side: str = "left", image_token: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with no merges: 5 special tokens + 256 byte symbols (vocab 261).
 
-    `<image>` is a single special token (id 4). Like LLaMA's vocabulary it has a ',' piece but no literal '\\n'
-    piece ('\\n' is the byte symbol 'Ċ'), so `convert_tokens_to_ids("\\n")` falls back to `<unk>`.
+    `<image>` is a single special token (id 4); without `image_token` it is left out (vocab 260), as from a
+    plain LLM's tokenizer. Like LLaMA's vocabulary it has a ',' piece but no literal '\\n' piece ('\\n' is the
+    byte symbol 'Ċ'), so `convert_tokens_to_ids("\\n")` falls back to `<unk>`.
     """
+    special_tokens = SPECIAL_TOKENS if image_token else [token for token in SPECIAL_TOKENS if token != "<image>"]
     return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_backend(SPECIAL_TOKENS),
+        tokenizer_object=byte_level_backend(special_tokens),
         bos_token="<s>",
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>"},
+        extra_special_tokens={"image_token": "<image>"} if image_token else {},
         padding_side=padding_side,
     )
 
