@@ -391,7 +391,7 @@ class TokenPackerProcessor(ProcessorMixin):
         """SentencePiece's encoding of `text` (no special tokens in it) with the tokenizer's own BPE model: spaces
         as `▁` and the dummy prefix `▁` always added, which a fast Metaspace pre-tokenizer skips for a text that
         already starts with a space (`" grabbed"` is `▁`, `▁gra`, `bb`, `ed` in SentencePiece). Offsets are
-        shifted by `start`; the dummy prefix maps to the segment's first character."""
+        shifted by `start`; a piece that is only the dummy prefix has an empty span."""
         normalised = "\u2581" + text.replace(" ", "\u2581")
         pieces = self.tokenizer.backend_tokenizer.model.tokenize(normalised)
         # The model's offsets count bytes; char_ends[i] is the byte offset where character i ends.
@@ -400,8 +400,8 @@ class TokenPackerProcessor(ProcessorMixin):
         for piece in pieces:
             begin = bisect.bisect_right(char_ends, piece.offsets[0])
             end = bisect.bisect_left(char_ends, piece.offsets[1])
-            # Character 0 is the dummy prefix: it maps onto the text's first character.
-            spans.append((max(begin - 1, 0) + start, max(end, 1) + start))
+            # Character 0 of `normalised` is the dummy prefix, which has no character in the text.
+            spans.append((max(begin - 1, 0) + start, end + start))
         return [piece.id for piece in pieces], spans
 
     def _cut_dummy_prefix(
