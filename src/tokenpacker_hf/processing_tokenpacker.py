@@ -322,11 +322,12 @@ class TokenPackerProcessor(ProcessorMixin):
         a special token inside a chunk. Tokens the tokenizer adds (BOS) have empty spans.
         """
         with_offsets = self.tokenizer.is_fast
+        legacy = self._sentencepiece_legacy() if with_offsets else None
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         start = 0
         for index, chunk in enumerate(prompt.split(self.image_token)):
-            chunk_ids, chunk_offsets = self._encode_chunk(chunk, add_special_tokens, with_offsets)
+            chunk_ids, chunk_offsets = self._encode_chunk(chunk, add_special_tokens, with_offsets, legacy)
             if index:
                 # The original keeps the first chunk's BOS only (`tokenizer_image_token` drops x[0] of the others).
                 if add_special_tokens and chunk_ids[:1] == [self.tokenizer.bos_token_id]:
@@ -339,13 +340,25 @@ class TokenPackerProcessor(ProcessorMixin):
             start += len(chunk) + len(self.image_token)
         return ids, offsets if with_offsets else None
 
+    def _sentencepiece_legacy(self) -> bool | None:
+        """For a SentencePiece-style tokenizer (its text pieces carry the dummy prefix: "a" gives `▁a` or `▁`, `a`):
+        its `legacy` setting, from the attribute or the saved `tokenizer_config.json`, and True when it has none
+        (transformers 4.31's default). None for any other tokenizer (byte-level ones)."""
+        probe = self.tokenizer.convert_ids_to_tokens(self.tokenizer("a", add_special_tokens=False)["input_ids"])
+        if not probe or not probe[0].startswith("\u2581"):
+            return None
+        legacy = getattr(self.tokenizer, "legacy", None)
+        if legacy is None:
+            legacy = self.tokenizer.init_kwargs.get("legacy")
+        return True if legacy is None else bool(legacy)
+
     def _encode_chunk(
-        self, chunk: str, add_special_tokens: bool, with_offsets: bool
+        self, chunk: str, add_special_tokens: bool, with_offsets: bool, legacy: bool | None
     ) -> tuple[list[int], list[tuple[int, int]]]:
         """Ids and offsets (an empty list without offsets) of one chunk between images, as the original's slow
         tokenizer (transformers 4.31) gave them for `tokenizer(chunk).input_ids`.
 
-        A SentencePiece-style tokenizer (a fast tokenizer with a `legacy` setting, as LLaMA's) is split at the
+        A SentencePiece-style tokenizer (`legacy` is not None, see `_sentencepiece_legacy`) is split at the
         special tokens written in the chunk (`</s>` in multi-turn prompts) and each text segment is encoded as
         SentencePiece did (`_sentencepiece_encode`: the dummy prefix `▁` on every segment, even one that starts
         with a space). With `legacy=False` the slow tokenizer then cut that prefix from the first piece of a
@@ -356,7 +369,6 @@ class TokenPackerProcessor(ProcessorMixin):
         encoded = self.tokenizer(chunk, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
         ids = list(encoded["input_ids"])
         offsets = [tuple(span) for span in encoded["offset_mapping"]] if with_offsets else []
-        legacy = getattr(self.tokenizer, "legacy", None)
         if legacy is None or not with_offsets:
             return ids, offsets
         special_ids = set(self.tokenizer.added_tokens_decoder)
