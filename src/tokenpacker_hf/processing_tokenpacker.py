@@ -341,11 +341,17 @@ class TokenPackerProcessor(ProcessorMixin):
         return ids, offsets if with_offsets else None
 
     def _sentencepiece_legacy(self) -> bool | None:
-        """For a SentencePiece-style tokenizer (its text pieces carry the dummy prefix: "a" gives `▁a` or `▁`, `a`):
-        its `legacy` setting, from the attribute or the saved `tokenizer_config.json`, and True when it has none
-        (transformers 4.31's default). None for any other tokenizer (byte-level ones)."""
-        probe = self.tokenizer.convert_ids_to_tokens(self.tokenizer("a", add_special_tokens=False)["input_ids"])
-        if not probe or not probe[0].startswith("\u2581"):
+        """For a SentencePiece-style tokenizer (its BPE model has `▁` pieces: `▁a` gives `▁a` or `▁`, `a`): its
+        `legacy` setting, from the attribute or the saved `tokenizer_config.json`, and True when it has none
+        (transformers 4.31's default). None for any other tokenizer (byte-level ones).
+
+        The model is asked rather than the tokenizer because transformers 5.23 turns a `tokenizer.model` into a
+        fast tokenizer without the dummy prefix (5.24 adds it)."""
+        try:
+            probe = self.tokenizer.backend_tokenizer.model.tokenize("\u2581a")
+        except Exception:  # a model without `▁` and without an unknown token cannot encode it: not SentencePiece
+            return None
+        if not probe or not probe[0].value.startswith("\u2581"):
             return None
         legacy = getattr(self.tokenizer, "legacy", None)
         if legacy is None:
