@@ -44,6 +44,7 @@ PROMPTS = [
     f"{S} USER: Translate 'cat' to French.\n ASSISTANT: chat</s>USER: <image>\nand this? ASSISTANT:",
     f"{S} USER: 1,2,3 <image>, 4 ASSISTANT:",
     f"{S} USER: x</s></s>USER: y ASSISTANT:",
+    f"{S} USER: x ASSISTANT: y</s>\u2581USER: a literal underline after the end token ASSISTANT:",
 ]
 
 

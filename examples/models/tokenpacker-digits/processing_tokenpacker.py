@@ -335,7 +335,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 ids.append(self.image_token_id)
                 offsets.append((start - len(self.image_token), start))
             ids.extend(chunk_ids)
-            offsets.extend((begin + start, end + start) if end > begin else (start, start) 
+            offsets.extend((begin + start, end + start) if end > begin else (start, start)
                            for begin, end in chunk_offsets)
             start += len(chunk) + len(self.image_token)
         return ids, offsets if with_offsets else None
@@ -380,13 +380,16 @@ class TokenPackerProcessor(ProcessorMixin):
         special_ids = set(self.tokenizer.added_tokens_decoder)
         fixed_ids: list[int] = []
         fixed_offsets: list[tuple[int, int]] = []
+        # The text segment being read starts at `segment_start` (None after an added EOS) and follows a special
+        # token written in the chunk when `after_special`; `flush` encodes it once its end is known.
         segment_start, after_special = 0, False
 
         def flush(segment_end: int) -> None:
             if segment_start is None or segment_end <= segment_start:
                 return
             segment_ids, segment_offsets = self._sentencepiece_encode(chunk[segment_start:segment_end], segment_start)
-            if after_special and not legacy and not chunk[segment_start:segment_end].startswith(" "):
+            # 4.31 first turned `▁` into spaces, so a segment starting with either keeps its prefix.
+            if after_special and not legacy and not chunk[segment_start:segment_end].startswith((" ", "\u2581")):
                 segment_ids, segment_offsets = self._cut_dummy_prefix(segment_ids, segment_offsets)
             fixed_ids.extend(segment_ids)
             fixed_offsets.extend(segment_offsets)
