@@ -9,14 +9,21 @@ converted folder is loaded with `from_pretrained` and must give the oracle's ima
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import sentencepiece
 import torch
 from PIL import Image
+from reference.original_tokenization import (
+    SlowLlamaTokenizer,
+    expand_image_placeholders,
+    tokenizer_image_token,
+)
 from reference.original_tokenpacker import (
     IMAGE_TOKEN_INDEX,
     OriginalTokenPacker,
@@ -27,7 +34,7 @@ from reference.original_tokenpacker import (
 from safetensors import safe_open
 from safetensors.torch import save_file
 from subprocess_utils import run_without_package
-from transformers import AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoProcessor, CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
 from transformers import PreTrainedTokenizerFast
 from transformers.initialization import no_init_weights
 
@@ -66,15 +73,16 @@ class Original:
     """The three modules of an original TokenPacker model, with non-trivial random weights, and the checkpoint
     folder they are written to in the authors' layout."""
 
-    def __init__(self, tower: dict, lm: dict, scale_factor: int, seed: int = 0):
+    def __init__(self, tower: dict, lm: dict, scale_factor: int, seed: int = 0, vocab_size: int | None = None):
+        """`vocab_size`: the LM's vocabulary when the folder will get another tokenizer than the byte-level one."""
         torch.manual_seed(seed)
         self.tokenizer = llama_like_tokenizer()
         with no_init_weights():  # random_init_ sets every parameter; the default init would only cost time
             self.tower = random_init_(CLIPVisionModel(CLIPVisionConfig(**tower)), seed).eval()
         self.llama_config = dict(
-            vocab_size=len(self.tokenizer), hidden_act="silu", max_position_embeddings=512, initializer_range=0.02,
-            rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False,
-            pretraining_tp=1, rope_scaling=None, use_cache=True, **lm,
+            vocab_size=vocab_size or len(self.tokenizer), hidden_act="silu", max_position_embeddings=512,
+            initializer_range=0.02, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+            tie_word_embeddings=False, pretraining_tp=1, rope_scaling=None, use_cache=True, **lm,
         )  # fmt: skip
         with no_init_weights():
             self.lm = random_init_(LlamaForCausalLM(LlamaConfig(**self.llama_config)), seed + 1).eval()
@@ -471,3 +479,116 @@ def test_cli_converts_and_refuses_bad_input_with_one_line(tmp_path, tiny_origina
     lines = failed.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: not a TokenPacker checkpoint"), failed.stderr[-3000:]
     assert not (tmp_path / "bad").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The released repos' tokenizer: a SentencePiece tokenizer.model and no tokenizer.json
+
+# tokenizer_config.json and special_tokens_map.json as the released TokenPacker(-HD) repos have them (the Vicuna
+# v1.5 settings, saved by transformers 4.31): legacy false, no pad token in the config, pad <unk> in the map.
+_ADDED = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False}
+RELEASED_TOKENIZER_CONFIG = {
+    "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False, "legacy": False,
+    "model_max_length": 2048, "pad_token": None, "padding_side": "right", "sp_model_kwargs": {},
+    "tokenizer_class": "LlamaTokenizer",
+    **{name: {"__type": "AddedToken", "content": content, **_ADDED}
+       for name, content in (("bos_token", "<s>"), ("eos_token", "</s>"), ("unk_token", "<unk>"))},
+}  # fmt: skip
+RELEASED_SPECIAL_TOKENS_MAP = {
+    "bos_token": {"content": "<s>", **_ADDED}, "eos_token": {"content": "</s>", **_ADDED}, "pad_token": "<unk>",
+    "unk_token": {"content": "<unk>", **_ADDED},
+}  # fmt: skip
+TOKENIZER_PROMPTS = [
+    "A chat between a curious user and an assistant. USER: <image>\nWhat is in image 7? ASSISTANT:",
+    "A chat. USER: <image>\nDescribe it. ASSISTANT: A cat, a dog.</s>USER: How many birds? ASSISTANT:",
+    "A chat. USER: Compare <image> and  this, please.\n ASSISTANT:",
+    "A chat. USER: Hello there ASSISTANT: Hi.</s>USER:  Line two\tthree \U0001f999 ASSISTANT:",
+    "A chat. USER: <image> ASSISTANT: It shows 12 birds.</s>",
+]
+
+
+@pytest.fixture(scope="module")
+def sentencepiece_model() -> bytes:
+    """A small SentencePiece BPE model with byte fallback and LLaMA's trainer settings (identity normaliser, dummy
+    prefix, whitespace kept, digits split, <unk> <s> </s> at 0 1 2), trained on a few hundred prompt lines."""
+    words = "cat dog bird image line what is in the a of and how many describe compare please hello there".split()
+    corpus = [
+        f"USER: {words[i % 19]} {words[(3 * i) % 19]}, {i} {words[(7 * i) % 19]}? ASSISTANT: A {words[i % 5]}.\n"
+        for i in range(300)
+    ]
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(corpus), model_writer=model, model_type="bpe", vocab_size=360, hard_vocab_limit=False,
+        byte_fallback=True, character_coverage=1.0, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, split_digits=True, allow_whitespace_only_pieces=True, unk_id=0, bos_id=1,
+        eos_id=2, pad_id=-1, minloglevel=2,
+    )  # fmt: skip
+    return model.getvalue()
+
+
+def write_released_tokenizer(folder: Path, model_proto: bytes) -> None:
+    """Replaces the folder's tokenizer files by a released repo's: `tokenizer.model` and its two configs."""
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (folder / name).unlink(missing_ok=True)
+    (folder / "tokenizer.model").write_bytes(model_proto)
+    (folder / "tokenizer_config.json").write_text(json.dumps(RELEASED_TOKENIZER_CONFIG, indent=2))
+    (folder / "special_tokens_map.json").write_text(json.dumps(RELEASED_SPECIAL_TOKENS_MAP, indent=2))
+
+
+def released_tokenizer_checkpoint(tmp_path: Path, model_proto: bytes, mode: str) -> Path:
+    """A synthetic original checkpoint (pad, or HD with slice mode and its settings in the name) whose tokenizer is
+    `model_proto` with the released tokenizer settings."""
+    vocab_size = sentencepiece.SentencePieceProcessor(model_proto=model_proto).get_piece_size()
+    original = Original(TINY_TOWER, TINY_LM, scale_factor=3, seed=7, vocab_size=vocab_size)
+    if mode == "slice":
+        src = original.write(tmp_path / "TokenPacker-HD-tiny-9patch-64token", fmt="safetensors", shards=1,
+                             image_aspect_ratio="slice", scale_factor=None)  # fmt: skip
+    else:
+        src = original.write(tmp_path / "TokenPacker-tiny-64token", fmt="safetensors", shards=1)
+    write_released_tokenizer(src, model_proto)
+    return src
+
+
+@pytest.mark.parametrize("mode", ["pad", "slice"])
+def test_released_sentencepiece_tokenizer_converts_to_the_original_prompt_ids(tmp_path, sentencepiece_model, mode):
+    """The converted processor's ids equal the original's `tokenizer_image_token` over SentencePiece itself, with
+    transformers 4.31's slow `legacy=False` rules (dummy prefix on every chunk, `▁` cut after `</s>`)."""
+    src = released_tokenizer_checkpoint(tmp_path, sentencepiece_model, mode)
+    dst = convert_original_checkpoint(src, tmp_path / "converted")
+    processor = AutoProcessor.from_pretrained(dst)
+    assert processor.image_mode == mode and processor.tokenizer.init_kwargs["legacy"] is False
+    assert processor.tokenizer.pad_token == "<unk>"
+
+    sp = sentencepiece.SentencePieceProcessor(model_proto=sentencepiece_model)
+    oracle = SlowLlamaTokenizer(lambda text: sp.encode(text, out_type=str), sp.piece_to_id, legacy=False)
+    image_id = processor.tokenizer.convert_tokens_to_ids("<image>")
+    assert image_id == sp.get_piece_size()
+    separators = (sp.piece_to_id(","), sp.piece_to_id("\n"))
+    assert separators[1] == sp.unk_id()  # "\n" is no piece, as in LLaMA's vocabulary
+    tokens_per_tile = AutoConfig.from_pretrained(dst).num_image_tokens
+    for index, prompt in enumerate(TOKENIZER_PROMPTS):
+        images = [photo(36, 24, seed=index)] * prompt.count("<image>")
+        out = processor(images=images or None, text=prompt)
+        grids = [tuple(grid) for grid in out["image_grids"].tolist()] if images else []
+        expected = expand_image_placeholders(
+            tokenizer_image_token(prompt, oracle), grids, mode, tokens_per_tile, image_id, separators
+        )
+        assert out["input_ids"][0] == expected, prompt
+
+
+@pytest.mark.parametrize("hidden, named", [("sentencepiece", "sentencepiece"), ("google.protobuf", "protobuf")])
+def test_missing_sentencepiece_or_protobuf_names_the_convert_extra(tmp_path, sentencepiece_model, hidden, named):
+    src = released_tokenizer_checkpoint(tmp_path, sentencepiece_model, "pad")
+    code = (
+        f"import sys; sys.modules[{hidden!r}] = None\n"
+        "from tokenpacker_hf.cli import main\n"
+        "sys.exit(main(['convert', *sys.argv[1:]]))"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(src), str(tmp_path / "out")], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 2, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr[-3000:]
+    assert f"needs sentencepiece and protobuf, but {named} is not installed" in lines[0]
+    assert "pip install 'tokenpacker-hf[convert]'" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@
 from __future__ import annotations
 
 import contextlib
+import importlib
 import json
 import logging
 import os
@@ -511,11 +512,39 @@ def build_config(original: dict, vision_config: dict, projector: dict, scale_fac
         raise ConversionError(f"the checkpoint does not make a valid TokenPacker config: {one_line(error)}") from error
 
 
+CONVERT_EXTRA_INSTALL = "pip install 'tokenpacker-hf[convert]'"
+
+
+def _importable(module: str) -> bool:
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def check_tokenizer_dependencies(folder: Path) -> None:
+    """Raises `ConversionError` naming the `convert` extra when `folder` holds a SentencePiece `tokenizer.model`
+    without a `tokenizer.json` (as the released repos do) and `sentencepiece` or `protobuf` is missing:
+    transformers needs both to turn it into a fast tokenizer, and without them fails with an unrelated error."""
+    if not (folder / "tokenizer.model").is_file() or (folder / "tokenizer.json").is_file():
+        return
+    missing = [name for name, module in (("sentencepiece", "sentencepiece"), ("protobuf", "google.protobuf"))
+               if not _importable(module)]  # fmt: skip
+    if missing:
+        raise ConversionError(
+            f"the tokenizer of {folder} is a SentencePiece tokenizer.model without tokenizer.json; converting it "
+            f"needs sentencepiece and protobuf, but {' and '.join(missing)} is not installed: "
+            f"{CONVERT_EXTRA_INSTALL}"
+        )
+
+
 def prepare_tokenizer(folder: Path, vocab_size: int):
     """The checkpoint's tokenizer with `<image>` added as a special token (the original splices images at id
     -200 and has none). Returns the tokenizer and the embedding rows the model needs."""
     from transformers import AddedToken, AutoTokenizer
 
+    check_tokenizer_dependencies(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError) as error:

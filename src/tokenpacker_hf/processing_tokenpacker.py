@@ -5,8 +5,16 @@ Each `<image>` in a prompt is expanded at the id level (never by string replacem
 with neighbouring text) into the layout the original TokenPacker / TokenPacker-HD models were trained with:
 T image ids in pad/square mode; in slice mode, per grid row the row's tiles joined by the tile separator and
 closed by the row separator, then the thumbnail and a row separator.
+
+The text around the images is tokenised as the original's `tokenizer_image_token` did with its slow SentencePiece
+tokenizer (transformers 4.31): the prompt is split at `<image>`, each chunk is tokenised as a text of its own (so it
+starts with the SentencePiece dummy prefix `▁`), only the first chunk keeps its BOS, and the chunks are joined by
+the image token. Inside a chunk, the text after a special token such as `</s>` follows the tokenizer's `legacy`
+setting as the slow tokenizer did: see `TokenPackerProcessor.encode_prompt`.
 """
 
+import bisect
+import itertools
 from typing import Any
 
 from transformers import AutoImageProcessor, AutoTokenizer
@@ -259,13 +267,8 @@ class TokenPackerProcessor(ProcessorMixin):
         images_kwargs = output_kwargs["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
 
-        tokenized = self.tokenizer(
-            texts,
-            add_special_tokens=text_kwargs.get("add_special_tokens", True),
-            padding=False,
-            truncation=False,
-            return_attention_mask=False,
-        )["input_ids"]
+        add_special_tokens = text_kwargs.get("add_special_tokens", True)
+        tokenized = [self.encode_prompt(prompt, add_special_tokens)[0] for prompt in texts]
         empty = [index for index, ids in enumerate(tokenized) if not ids]
         if empty:
             raise ValueError(f"expected prompts that give at least one token, but prompts {empty} give none")
@@ -306,6 +309,134 @@ class TokenPackerProcessor(ProcessorMixin):
         return BatchFeature(
             data={"input_ids": input_ids, "attention_mask": attention_mask, **data}, tensor_type=return_tensors
         )
+
+    def encode_prompt(
+        self, prompt: str, add_special_tokens: bool = True
+    ) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """Ids of `prompt` before image expansion (one image token id per `image_token`), as the original's
+        `tokenizer_image_token`, and each id's character span in `prompt` (None for a tokenizer without offsets).
+
+        The prompt is split at `image_token` and each chunk is tokenised as a text of its own, so a chunk after an
+        image starts with the SentencePiece dummy prefix (`<image>`, `▁`, `<0x0A>`, ... for `<image>\\n`) whatever
+        the tokenizer's `legacy` setting; only the first chunk keeps its BOS. See `_encode_chunk` for the text after
+        a special token inside a chunk. Tokens the tokenizer adds (BOS) have empty spans.
+        """
+        with_offsets = self.tokenizer.is_fast
+        legacy = self._sentencepiece_legacy() if with_offsets else None
+        ids: list[int] = []
+        offsets: list[tuple[int, int]] = []
+        start = 0
+        for index, chunk in enumerate(prompt.split(self.image_token)):
+            chunk_ids, chunk_offsets = self._encode_chunk(chunk, add_special_tokens, with_offsets, legacy)
+            if index:
+                # The original keeps the first chunk's BOS only (`tokenizer_image_token` drops x[0] of the others).
+                if add_special_tokens and chunk_ids[:1] == [self.tokenizer.bos_token_id]:
+                    chunk_ids, chunk_offsets = chunk_ids[1:], chunk_offsets[1:]
+                ids.append(self.image_token_id)
+                offsets.append((start - len(self.image_token), start))
+            ids.extend(chunk_ids)
+            offsets.extend((begin + start, end + start) if end > begin else (start, start)
+                           for begin, end in chunk_offsets)
+            start += len(chunk) + len(self.image_token)
+        return ids, offsets if with_offsets else None
+
+    def _sentencepiece_legacy(self) -> bool | None:
+        """For a SentencePiece-style tokenizer (its BPE model has `▁` pieces: `▁a` gives `▁a` or `▁`, `a`): its
+        `legacy` setting, from the attribute or the saved `tokenizer_config.json`, and True when it has none
+        (transformers 4.31's default). None for any other tokenizer (byte-level ones).
+
+        The model is asked rather than the tokenizer because transformers 5.23 turns a `tokenizer.model` into a
+        fast tokenizer without the dummy prefix (5.24 adds it)."""
+        try:
+            probe = self.tokenizer.backend_tokenizer.model.tokenize("\u2581a")
+        except Exception:  # a model without `▁` and without an unknown token cannot encode it: not SentencePiece
+            return None
+        if not probe or not probe[0].value.startswith("\u2581"):
+            return None
+        legacy = getattr(self.tokenizer, "legacy", None)
+        if legacy is None:
+            legacy = self.tokenizer.init_kwargs.get("legacy")
+        return True if legacy is None else bool(legacy)
+
+    def _encode_chunk(
+        self, chunk: str, add_special_tokens: bool, with_offsets: bool, legacy: bool | None
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """Ids and offsets (an empty list without offsets) of one chunk between images, as the original's slow
+        tokenizer (transformers 4.31) gave them for `tokenizer(chunk).input_ids`.
+
+        A SentencePiece-style tokenizer (`legacy` is not None, see `_sentencepiece_legacy`) is split at the
+        special tokens written in the chunk (`</s>` in multi-turn prompts) and each text segment is encoded as
+        SentencePiece did (`_sentencepiece_encode`: the dummy prefix `▁` on every segment, even one that starts
+        with a space). With `legacy=False` the slow tokenizer then cut that prefix from the first piece of a
+        segment after a special token, unless the segment starts with a space: `</s>USER:` gives `US`, `ER`, `:`
+        (not a fast tokenizer's `USER`, `:`), and a piece that is only `▁` disappears. Any other tokenizer (the
+        byte-level ones) encodes the chunk itself.
+        """
+        encoded = self.tokenizer(chunk, add_special_tokens=add_special_tokens, return_offsets_mapping=with_offsets)
+        ids = list(encoded["input_ids"])
+        offsets = [tuple(span) for span in encoded["offset_mapping"]] if with_offsets else []
+        if legacy is None or not with_offsets:
+            return ids, offsets
+        special_ids = set(self.tokenizer.added_tokens_decoder)
+        fixed_ids: list[int] = []
+        fixed_offsets: list[tuple[int, int]] = []
+        # The text segment being read starts at `segment_start` (None after an added EOS) and follows a special
+        # token written in the chunk when `after_special`; `flush` encodes it once its end is known.
+        segment_start, after_special = 0, False
+
+        def flush(segment_end: int) -> None:
+            if segment_start is None or segment_end <= segment_start:
+                return
+            segment_ids, segment_offsets = self._sentencepiece_encode(chunk[segment_start:segment_end], segment_start)
+            # 4.31 first turned `▁` into spaces, so a segment starting with either keeps its prefix.
+            if after_special and not legacy and not chunk[segment_start:segment_end].startswith((" ", "\u2581")):
+                segment_ids, segment_offsets = self._cut_dummy_prefix(segment_ids, segment_offsets)
+            fixed_ids.extend(segment_ids)
+            fixed_offsets.extend(segment_offsets)
+
+        for token_id, (begin, end) in zip(ids, offsets):
+            if token_id not in special_ids:
+                continue
+            if end > begin:  # a special token written in the chunk: it ends the segment before it
+                flush(begin)
+                segment_start, after_special = end, True
+            elif fixed_ids or segment_start != 0:  # added by the tokenizer after the text (EOS), not before (BOS)
+                flush(len(chunk))
+                segment_start = None
+            fixed_ids.append(token_id)
+            fixed_offsets.append((begin, end))
+        flush(len(chunk))
+        return fixed_ids, fixed_offsets
+
+    def _sentencepiece_encode(self, text: str, start: int) -> tuple[list[int], list[tuple[int, int]]]:
+        """SentencePiece's encoding of `text` (no special tokens in it) with the tokenizer's own BPE model: spaces
+        as `▁` and the dummy prefix `▁` always added, which a fast Metaspace pre-tokenizer skips for a text that
+        already starts with a space (`" grabbed"` is `▁`, `▁gra`, `bb`, `ed` in SentencePiece). Offsets are
+        shifted by `start`; a piece that is only the dummy prefix has an empty span."""
+        normalised = "\u2581" + text.replace(" ", "\u2581")
+        pieces = self.tokenizer.backend_tokenizer.model.tokenize(normalised)
+        # The model's offsets count bytes; char_ends[i] is the byte offset where character i ends.
+        char_ends = list(itertools.accumulate(len(character.encode()) for character in normalised))
+        spans = []
+        for piece in pieces:
+            begin = bisect.bisect_right(char_ends, piece.offsets[0])
+            end = bisect.bisect_left(char_ends, piece.offsets[1])
+            # Character 0 of `normalised` is the dummy prefix, which has no character in the text.
+            spans.append((max(begin - 1, 0) + start, end + start))
+        return [piece.id for piece in pieces], spans
+
+    def _cut_dummy_prefix(
+        self, ids: list[int], offsets: list[tuple[int, int]]
+    ) -> tuple[list[int], list[tuple[int, int]]]:
+        """`ids` with `▁` cut from the first piece, as the slow non-legacy tokenizer of transformers 4.31 did for
+        text after a special token; a cut piece missing from the vocabulary becomes `<unk>`."""
+        first = self.tokenizer.convert_ids_to_tokens(ids[0]) if ids else ""
+        if not first.startswith("\u2581"):
+            return ids, offsets
+        if first == "\u2581":
+            return ids[1:], offsets[1:]
+        cut_id = self.tokenizer.convert_tokens_to_ids(first[1:])
+        return [self.tokenizer.unk_token_id if cut_id is None else cut_id] + ids[1:], offsets
 
     def _check_image_counts(self, images: Any, images_per_prompt: list[int]) -> list[Any]:
         """The flat image list, after checking it holds exactly one image per image token (per prompt if

@@ -3,9 +3,14 @@
 presets of the original two-stage recipe (paper §4, after LLaVA-1.5) plus LoRA, and a model card for
 `push_to_hub`.
 
-Labels follow the original `preprocess_v1`: only what the model has to generate after each
-`ASSISTANT:` generation prompt (the answer and its `</s>`) is supervised; the system prompt, user turns and every
-image position are -100.
+Samples are rendered as the original's training path renders them (`preprocess_multimodal` + the `vicuna_v1`
+prompt of `preprocess_v1`, see `llava_to_messages`) and tokenised as its `tokenizer_image_token` did (see
+`TokenPackerProcessor.encode_prompt`), so the ids equal the original's. Labels follow the original
+`preprocess_v1`: only what the model has to generate after each `ASSISTANT:` generation prompt (the answer and its
+`</s>`) is supervised; the system prompt, user turns and every image position are -100. The one deliberate
+difference: the original finds each answer by splitting a round at the first `" ASSISTANT: "`, so a user turn
+that itself holds that text gets its tail supervised; here answers are located by rendering turn by turn, and
+user text is never supervised.
 """
 
 from __future__ import annotations
@@ -49,10 +54,16 @@ class SkipSample(Exception):
 
 
 def llava_to_messages(conversations: list[dict[str, str]], image_token: str = "<image>") -> list[dict[str, Any]]:
-    """LLaVA turns (`{"from": "human"|"gpt"|"system", "value": str}`) -> chat-template messages.
+    """LLaVA turns (`{"from": "human"|"gpt"|"system", "value": str}`) -> chat-template messages whose content is
+    the turn's text exactly as the original's training path renders it (`preprocess_multimodal`).
 
-    As the original's `preprocess_multimodal`, a user turn's images move to its front: the `<image>` markers
-    become `{"type": "image"}` items, which the vicuna_v1 template renders as `<image>\\n` before the text.
+    A turn holding `image_token` becomes `"<image>\\n" + the rest of its text stripped`, then stripped again: the
+    image moves to the front and the turn loses its outer whitespace. Every other turn, and every turn of a
+    text-only sample, is kept as it is, whitespace included. One quirk of the original is kept on purpose: a turn
+    that is only `<image>` renders as `USER: <image> ASSISTANT:` in training (the final strip removes the "\\n"),
+    while the original's evaluation prompt (and this package's chat template with an image item) has
+    `<image>\\n`. A turn with n > 1 markers (the original trains one image per sample) gets n `<image>\\n` in front.
+
     A leading assistant turn is dropped, as the original does. Raises `SkipSample("malformed")` for turns that
     are not `{"from", "value"}` dicts with a known role, or a conversation without a user and an assistant turn.
     """
@@ -65,12 +76,10 @@ def llava_to_messages(conversations: list[dict[str, str]], image_token: str = "<
         role, value = LLAVA_ROLES[turn["from"]], turn["value"]
         if role == "assistant" and not any(m["role"] == "user" for m in messages):
             continue
-        if role == "user":
-            images = [{"type": "image"}] * value.count(image_token)
-            content = images + [{"type": "text", "text": value.replace(image_token, "").strip()}]
-        else:
-            content = [{"type": "text", "text": value}]
-        messages.append({"role": role, "content": content})
+        if image_token in value:
+            count = value.count(image_token)
+            value = ((image_token + "\n") * count + value.replace(image_token, "").strip()).strip()
+        messages.append({"role": role, "content": value})
     roles = {m["role"] for m in messages}
     if not {"user", "assistant"} <= roles:
         raise SkipSample("malformed", f"a conversation needs a user and an assistant turn, got roles {sorted(roles)}")
@@ -142,13 +151,13 @@ def encode_conversation(
     if not tokenizer.is_fast:
         raise ValueError(f"label masking needs character offsets, i.e. a fast tokenizer; got {type(tokenizer).__name__}")
     text, spans = supervised_char_spans(processor, messages)
-    encoded = tokenizer(text, return_offsets_mapping=True)
-    labels = token_labels(encoded["input_ids"], encoded["offset_mapping"], spans)
+    text_ids, offsets = processor.encode_prompt(text)
+    labels = token_labels(text_ids, offsets, spans)
 
     features = processor(images=images or None, text=text, return_tensors="pt")
     input_ids = features["input_ids"][0]
     grids = [tuple(grid) for grid in features["image_grids"].tolist()] if images else []
-    expanded, image_end = expand_image_labels(processor, encoded["input_ids"], labels, grids)
+    expanded, image_end = expand_image_labels(processor, text_ids, labels, grids)
     if len(expanded) != len(input_ids):
         raise RuntimeError(
             f"labels ({len(expanded)}) and the processor's input_ids ({len(input_ids)}) disagree in length; the "
@@ -303,7 +312,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         messages = llava_to_messages(record["conversations"], image_token)
         paths = image_paths(record, self.image_folder)
         markers = sum(turn["value"].count(image_token) for turn in record["conversations"])
-        placed = sum(item["type"] == "image" for m in messages for item in m["content"])
+        placed = sum(m["content"].count(image_token) for m in messages if m["role"] == "user")
         if markers != len(paths) or placed != markers:
             raise SkipSample(
                 "image_count_mismatch",
