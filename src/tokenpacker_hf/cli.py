@@ -429,7 +429,7 @@ def init(args: argparse.Namespace) -> str:
 
     from . import TokenPackerForConditionalGeneration, TokenPackerProcessor
     from .convert_tokenpacker_original import remove_stale_staging, staging_folder
-    from .training import model_card
+    from .training import inherited_metadata, model_card
 
     dst = Path(args.output)
     remove_stale_staging(dst)
@@ -445,8 +445,10 @@ def init(args: argparse.Namespace) -> str:
     model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
         *parts, processor=processor, dtype=getattr(torch, args.dtype), **config
     )
-    card = model_card(model.config, dst.name, image_processor=processor.image_processor,
-                      base_models=[part for part in parts if not Path(part).exists()], description=UNTRAINED_NOTE)
+    license, datasets = inherited_metadata(parts)
+    card = model_card(model.config, str(dst), image_processor=processor.image_processor, license=license,
+                      base_models=[part for part in parts if not Path(part).exists()], datasets=datasets,
+                      description=UNTRAINED_NOTE)  # fmt: skip
     with staging_folder(dst) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
