@@ -143,11 +143,13 @@ def run_module(*args: str, cwd=REPO) -> subprocess.CompletedProcess:
                           text=True, timeout=300)  # fmt: skip
 
 
-def test_version_is_the_one_pyproject_declares():
+def test_version_is_the_one_pyproject_declares(capsys):
     declared = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert tokenpacker_hf.__version__ == declared
-    completed = run_module("--version")
-    assert (completed.returncode, completed.stdout, completed.stderr) == (0, f"tokenpacker-hf {declared}\n", "")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr() == (f"tokenpacker-hf {declared}\n", "")
 
 
 @pytest.mark.parametrize("extra", [[], ["--stream"]], ids=["plain", "stream"])
@@ -157,21 +159,30 @@ def test_shipped_model_prints_its_answer_and_nothing_else(extra):
     assert (completed.returncode, completed.stdout, completed.stderr) == (0, "3168\n", "")
 
 
-def test_verbose_shows_the_loading_progress(model_folder, image_files):
-    completed = run_module("generate", "--model", str(model_folder), "--image", str(image_files[0]), "--prompt", "x",
-                           "--max-new-tokens", "2", "--verbose")  # fmt: skip
-    assert completed.returncode == 0, completed.stderr
-    assert "Loading weights" in completed.stderr
+def test_verbose_shows_the_loading_progress(model_folder, image_files, capsys):
+    assert main(["generate", "--model", str(model_folder), "--image", str(image_files[0]), "--prompt", "x",
+                 "--max-new-tokens", "2", "--verbose"]) == 0  # fmt: skip
+    assert "Loading weights" in capsys.readouterr().err
 
 
-def test_streamed_answer_equals_the_plain_one(model_folder, image_files):
+def test_streamed_answer_equals_the_plain_one(model_folder, image_files, capsys):
     """Random weights answer with random bytes, spaces and newlines included: the streamed output is trimmed like
-    the plain one."""
+    the plain one. (The shipped model's streamed answer is checked in a real process above.)"""
     argv = ["generate", "--model", str(model_folder), "--image", str(image_files[0]), "--prompt", "What is it?",
             "--max-new-tokens", "24"]  # fmt: skip
-    completed = run_module(*argv, "--stream")
-    assert completed.returncode == 0, completed.stderr
-    assert completed.stdout == expected_answer(model_folder, image_files[:1], "What is it?", 24) + "\n"
+    assert main(argv + ["--stream"]) == 0
+    assert capsys.readouterr().out == expected_answer(model_folder, image_files[:1], "What is it?", 24) + "\n"
+
+
+def test_the_quiet_default_is_undone_when_the_command_returns(model_folder, image_files, capsys):
+    """`main` runs inside other programs too: transformers' logging and progress bars are left as they were."""
+    from transformers.utils import logging
+
+    before = (logging.get_verbosity(), logging.is_progress_bar_enabled())
+    assert main(["generate", "--model", str(model_folder), "--image", str(image_files[0]), "--prompt", "x",
+                 "--max-new-tokens", "1"]) == 0  # fmt: skip
+    assert (logging.get_verbosity(), logging.is_progress_bar_enabled()) == before
+    assert capsys.readouterr().err == ""
 
 
 class RecordingStdout(io.StringIO):

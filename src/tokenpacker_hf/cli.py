@@ -17,8 +17,10 @@ stderr and exit with code 2. Ctrl-C or SIGTERM print one line and exit with 128 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -147,20 +149,32 @@ def add_loading_arguments(command: argparse.ArgumentParser) -> None:
     command.add_argument("--verbose", action="store_true", help="show transformers' loading progress and warnings")
 
 
-def quiet_loading(verbose: bool) -> None:
-    """Unless `verbose`, silence transformers' per-load noise: the "Loading weights" bar and info/warning logs.
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool) -> Iterator[None]:
+    """While `quiet`, silences transformers' per-load noise: the "Loading weights" bar and info/warning logs.
 
-    Hub download bars stay: downloading is the long work a user wants to see progress of. (transformers'
-    `disable_progress_bar` also turns off huggingface_hub's bars, so those are turned back on.)
+    Hub download bars stay on: downloading is long work a user wants to see progress of (transformers'
+    `disable_progress_bar` also turns those off, so they are turned back on). Everything is restored on exit,
+    since `main` also runs inside other programs (and tests).
     """
-    if verbose:
+    if not quiet:
+        yield
         return
-    from huggingface_hub.utils import enable_progress_bars
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
     from transformers.utils import logging
 
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
     logging.disable_progress_bar()
     logging.set_verbosity_error()
-    enable_progress_bars()
+    enable_progress_bars() if hub_bars else disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        enable_progress_bars() if hub_bars else disable_progress_bars()
 
 
 def locate_model(model: str, revision: str | None = None) -> ModelFiles:
@@ -289,7 +303,6 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     Everything the user can get wrong (device, folder or repo, revision, dtype, attention implementation) is a
     UsageError or one of `USER_ERRORS` naming it.
     """
-    quiet_loading(args.verbose)
     device = resolve_device(args.device)
     source = locate_model(args.model, revision=args.revision)
     import torch
@@ -467,7 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     """Runs one `tokenpacker-hf` command; returns the exit code (0, 2 for a user's error, 128 + signal)."""
     args = build_parser().parse_args(argv)
     try:
-        result = COMMANDS[args.command](args)
+        # Commands that load a model for generation are quiet unless --verbose; convert and init show progress.
+        with quiet_transformers(getattr(args, "verbose", True) is False):
+            result = COMMANDS[args.command](args)
         if result is not None:
             print(result)
     except KeyboardInterrupt as interrupt:
