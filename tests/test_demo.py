@@ -118,3 +118,45 @@ def test_demo_with_a_missing_model_is_one_error_line(tmp_path):
     server = start_demo("--model", str(tmp_path / "missing"))
     out, err = server.communicate(timeout=120)
     assert (server.returncode, out, err) == (2, "", f"error: no model folder at {tmp_path / 'missing'}\n")
+
+
+def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp_path, capsys):
+    """The page's numbers for a TokenPacker-HD processor, from the demo's own answering code (no server needed):
+    image tokens against one token per patch for the same tiles, the slice grid, the time to first token, and
+    the streamed pieces add up to what `generate` prints."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
+    from tokenpacker_hf.cli import build_parser, main
+    from tokenpacker_hf.demo import Demo
+    from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
+    from tokenpacker_hf.tiny import make_tokenizer, tiny_config
+
+    torch.manual_seed(0)
+    config, folder = tiny_config(), tmp_path / "hd"
+    TokenPackerForConditionalGeneration(config).save_pretrained(folder)
+    image_processor = TokenPackerImageProcessor.from_vision_config(config.vision_config, image_mode="slice")
+    processor = TokenPackerProcessor.from_config(config, image_processor=image_processor, tokenizer=make_tokenizer())
+    processor.save_pretrained(folder)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
+    data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "wide.png").read_bytes()).decode()
+
+    args = build_parser().parse_args(["demo", "--model", str(folder), "--image", "", "--max-new-tokens", "24"])
+    events = list(Demo(args).ask({"image": data_url, "question": "What is it?"}))
+    stats, pieces, done = events[0]["stats"], [e["text"] for e in events if "text" in e], events[-1]["done"]
+
+    grid = processor(images=[Image.open(tmp_path / "wide.png").convert("RGB")], text="<image>")["image_grids"][0]
+    tiles = int(grid[0] * grid[1]) + 1  # the slices and the thumbnail
+    assert stats == {"image_tokens": tiles * config.num_image_tokens, "llava_tokens": tiles * config.patch_grid_size**2,
+                     "tiles": tiles, "image_mode": "slice", "slice_grid": [int(grid[0]), int(grid[1])],
+                     "scale_factor": 2}  # fmt: skip
+    assert grid.tolist() != [1, 1]  # a wide image is sliced
+    assert done["ttft_seconds"] is not None and 0 < done["ttft_seconds"] <= done["seconds"]
+    assert "".join(pieces).strip() == done["answer"]
+
+    capsys.readouterr()
+    assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "wide.png"), "--prompt", "What is it?",
+                 "--max-new-tokens", "24"]) == 0  # fmt: skip
+    assert capsys.readouterr().out == done["answer"] + "\n"
