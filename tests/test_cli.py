@@ -255,8 +255,10 @@ def test_unusable_decoding_options_are_one_error_line(extra, expected, model_fol
     "flag, value, expected",
     [
         ("--num-beams", "0", "expected a number of at least 1, got 0"),
-        ("--temperature", "-1", "expected a number above 0, got -1"),
-        ("--temperature", "0", "expected a number above 0, got 0"),
+        ("--temperature", "-1", "expected a finite number above 0, got -1"),
+        ("--temperature", "0", "expected a finite number above 0, got 0"),
+        ("--temperature", "inf", "expected a finite number above 0, got inf"),
+        ("--temperature", "nan", "expected a finite number above 0, got nan"),
         ("--temperature", "warm", "expected a number, got 'warm'"),
         ("--top-p", "1.5", "expected a number above 0 and at most 1, got 1.5"),
         ("--seed", "x", "invalid int value: 'x'"),

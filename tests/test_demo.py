@@ -114,10 +114,13 @@ def test_requests_without_an_image_or_question_are_one_message(demo_url):
     assert "".join(event.get("text", "") for event in events) == "3168"
 
 
-def test_demo_with_a_missing_model_is_one_error_line(tmp_path):
-    server = start_demo("--model", str(tmp_path / "missing"))
-    out, err = server.communicate(timeout=120)
-    assert (server.returncode, out, err) == (2, "", f"error: no model folder at {tmp_path / 'missing'}\n")
+def test_demo_with_a_missing_model_or_image_is_one_error_line(tmp_path, capsys):
+    from tokenpacker_hf.cli import main
+
+    assert main(["demo", "--model", str(tmp_path / "missing"), "--image", ""]) == 2
+    assert capsys.readouterr() == ("", f"error: no model folder at {tmp_path / 'missing'}\n")
+    assert main(["demo", "--image", str(tmp_path / "missing.png")]) == 2
+    assert capsys.readouterr().err == f"error: image not found: {tmp_path / 'missing.png'} (pass --image, or --image '' for none)\n"
 
 
 def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp_path, capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -99,16 +98,16 @@ def test_generic_card_snippet_runs_as_written_on_a_saved_folder(tmp_path):
     assert data.pipeline_tag == "image-text-to-text" and data.library_name == "transformers"
 
 
-def test_converted_card_names_the_destination_inherits_the_license_and_runs(tmp_path):
-    """`tokenpacker-hf convert SRC DST` as typed in a shell: the card's title and snippet say DST."""
+def test_converted_card_names_the_destination_inherits_the_license_and_runs(tmp_path, monkeypatch):
+    """`convert SRC DST` with relative paths, as typed in a shell: the card's title and snippet say DST."""
     from test_convert import TINY_LM, TINY_TOWER, Original
+
+    from tokenpacker_hf.convert_tokenpacker_original import convert_original_checkpoint
 
     src = Original(TINY_TOWER, TINY_LM, scale_factor=2, seed=9).write(tmp_path / "src", fmt="safetensors", shards=1)
     (src / "README.md").write_text("---\nlicense: llama2\ndatasets:\n- liuhaotian/LLaVA-Pretrain\n---\n\n# original\n")
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-m", "tokenpacker_hf", "convert", "src", "tp-converted"], cwd=tmp_path,
-                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+    monkeypatch.chdir(tmp_path)
+    convert_original_checkpoint("src", "tp-converted")
 
     card = (tmp_path / "tp-converted" / "README.md").read_text()
     assert "converting" not in card

@@ -56,13 +56,13 @@ def positive_int(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    """argparse type for `--temperature`: a number above 0 (0 would divide the logits by zero)."""
+    """argparse type for `--temperature`: a finite number above 0 (0 would divide the logits by zero)."""
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
 
 
@@ -101,7 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--image", default=DEMO_IMAGE, help=f"image shown when the page opens (default: {DEMO_IMAGE})")
     demo.add_argument("--prompt", default=DEMO_PROMPT, help=f"question shown when the page opens (default: {DEMO_PROMPT})")
     demo.add_argument("--max-new-tokens", type=positive_int, default=64)
-    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                      "whoever reaches the page can load any folder or Hub repo this machine can)")  # fmt: skip
     demo.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
     add_loading_arguments(demo)
 
@@ -287,7 +288,8 @@ def load_tokenpacker_config(source: ModelFiles) -> Any:
 def check_generation_options(args: argparse.Namespace) -> None:
     """Refuses option combinations `generate` would otherwise ignore or fail on deep inside transformers."""
     if not args.do_sample:
-        given = [flag for flag, value in (("--temperature", args.temperature), ("--top-p", args.top_p)) if value]
+        options = (("--temperature", args.temperature), ("--top-p", args.top_p))
+        given = [flag for flag, value in options if value is not None]
         if given:
             verb = "apply" if len(given) > 1 else "applies"
             raise UsageError(f"{' and '.join(given)} {verb} only when sampling: add --do-sample, or drop "
