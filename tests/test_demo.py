@@ -163,3 +163,23 @@ def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp
     assert main(["generate", "--model", str(folder), "--image", str(tmp_path / "wide.png"), "--prompt", "What is it?",
                  "--max-new-tokens", "24"]) == 0  # fmt: skip
     assert capsys.readouterr().out == done["answer"] + "\n"
+
+
+def test_a_request_whose_page_went_away_stops_its_generation():
+    """`Cancelled` is what the demo gives `generate`: once set, the next token is the last one."""
+    import threading
+
+    import torch
+
+    from tokenpacker_hf import TokenPackerForConditionalGeneration
+    from tokenpacker_hf.demo import Cancelled
+    from tokenpacker_hf.tiny import tiny_config
+
+    torch.manual_seed(0)
+    model = TokenPackerForConditionalGeneration(tiny_config()).eval()
+    prompt = torch.tensor([[1, 70, 71, 72]])
+    cancelled = threading.Event()
+    running = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, stopping_criteria=[Cancelled(cancelled)])
+    cancelled.set()
+    stopped = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, stopping_criteria=[Cancelled(cancelled)])
+    assert running.shape[1] == 4 + 12 and stopped.shape[1] == 4 + 1

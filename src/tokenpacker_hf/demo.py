@@ -26,7 +26,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
-from transformers import TextIteratorStreamer
+from transformers import StoppingCriteria, TextIteratorStreamer
 
 from . import cli
 
@@ -47,6 +47,18 @@ class TimedStreamer(TextIteratorStreamer):
             self.first_token_at = time.perf_counter()
         self._prompt_seen = True
         super().put(value)
+
+
+class Cancelled(StoppingCriteria):
+    """Stops `generate` once `event` is set (by a request whose page went away)."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
 class Demo:
@@ -85,11 +97,13 @@ class Demo:
             streamer = TimedStreamer(processor.tokenizer)
             failure: list[BaseException] = []
 
+            cancelled = threading.Event()
+
             def run() -> None:
                 try:
                     with torch.inference_mode():
                         model.generate(**inputs, max_new_tokens=self.args.max_new_tokens, do_sample=False,
-                                       streamer=streamer)  # fmt: skip
+                                       streamer=streamer, stopping_criteria=[Cancelled(cancelled)])  # fmt: skip
                 except BaseException as error:  # reported to the page below, after the stream ends
                     failure.append(error)
                     streamer.end()
@@ -98,13 +112,17 @@ class Demo:
             worker = threading.Thread(target=run, daemon=True)
             worker.start()
             pieces = []
-            for piece in streamer:
-                # The same trimming as the command line: no leading whitespace before the answer.
-                if not pieces and not piece.strip():
-                    continue
-                pieces.append(piece)
-                yield {"text": piece}
-            worker.join()
+            try:
+                for piece in streamer:
+                    # The same trimming as the command line: no leading whitespace before the answer.
+                    if not pieces and not piece.strip():
+                        continue
+                    pieces.append(piece)
+                    yield {"text": piece}
+            finally:
+                # A page that went away stops its generation, so the model is free for the next one.
+                cancelled.set()
+                worker.join()
             if failure:
                 raise RuntimeError(f"generation failed: {cli.one_line(failure[0])}")
             first = streamer.first_token_at
@@ -180,16 +198,23 @@ def handler_class(demo: Demo, sample: bytes | None) -> type[BaseHTTPRequestHandl
             self.send_header("Content-Type", "application/x-ndjson")
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
+            events = None
             try:
                 request = json.loads(self.rfile.read(length) or b"{}")
                 if not isinstance(request, dict):
                     raise cli.UsageError("the request must be a JSON object")
-                for event in demo.ask(request):
+                events = demo.ask(request)
+                for event in events:
                     self.send_event(event)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the page was closed or reloaded mid-answer: nobody is left to tell
             except json.JSONDecodeError:
                 self.send_event({"error": "the request is not valid JSON"})
             except (*cli.USER_ERRORS, RuntimeError) as error:
                 self.send_event({"error": cli.one_line(error)})
+            finally:
+                if events is not None:
+                    events.close()  # releases the model for the next request now, not when garbage-collected
 
         def send_event(self, event: dict[str, Any]) -> None:
             self.wfile.write(json.dumps(event).encode() + b"\n")
