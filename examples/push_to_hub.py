@@ -26,6 +26,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--base_models", nargs="*", default=[], help="models this one was built from, for the card")
     parser.add_argument("--datasets", nargs="*", default=[], help="training datasets, for the card")
     parser.add_argument("--description", default="", help="a sentence for the card")
+    parser.add_argument("--license", default="unknown", help="Hub license id for the card, e.g. apache-2.0, llama2")
     parser.add_argument("--private", action="store_true")
     return parser.parse_args()
 
@@ -48,6 +49,7 @@ def main():
         adapter_base=args.adapter_base,
         datasets=args.datasets,
         description=args.description,
+        license=args.license,
         private=args.private or None,
     )
     print(f"pushed {args.model_dir} to {args.repo_id}")

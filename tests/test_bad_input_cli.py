@@ -291,6 +291,33 @@ def test_cached_repo_still_works_while_the_hub_is_down(failure, hub, published, 
             assert answers(published, timed=True) == expected
 
 
+def test_revision_loads_that_commit_and_a_missing_one_is_one_line(hub, published, model_folder, image_files,
+                                                                 tmp_path, capsys):  # fmt: skip
+    """`--revision` picks the repo's files at that commit: after new weights are pushed, the first commit still
+    answers as the folder it was uploaded from."""
+    from huggingface_hub import HfApi
+
+    from tokenpacker_hf import TokenPackerForConditionalGeneration
+    from tokenpacker_hf.tiny import tiny_config
+
+    first = HfApi().model_info(published).sha
+    torch.manual_seed(1)
+    retrained = tmp_path / "retrained"
+    shutil.copytree(model_folder, retrained)
+    TokenPackerForConditionalGeneration(tiny_config()).save_pretrained(retrained)
+    HfApi().upload_folder(folder_path=str(retrained), repo_id=published)
+
+    def answer(model, *extra):
+        code, out, err = run_cli(generate_argv(model, image_files[0], *extra), capsys)
+        assert code == 0, err
+        return out
+
+    assert answer(published, "--revision", first) == answer(model_folder)
+    assert answer(published) == answer(retrained)
+    assert_one_error_line(*timed_cli(generate_argv(published, image_files[0], "--revision", "0123456789abcdef"), capsys),
+                          f"the Hub model repo {published} has no revision 0123456789abcdef")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # A real process: no traceback, no minutes of retries
 

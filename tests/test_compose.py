@@ -363,7 +363,9 @@ def test_init_writes_a_ready_to_train_folder_that_loads_through_remote_code(part
     assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_tokenpacker.TokenPackerForConditionalGeneration"
     assert {"modeling_tokenpacker.py", "processing_tokenpacker.py", "model.safetensors", "README.md"} <= {
         path.name for path in out.iterdir()}
-    assert "freshly initialised and untrained" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "freshly initialised and untrained" in card
+    assert f'from_pretrained("{out}", trust_remote_code=True' in card and "converting" not in card
     model = TokenPackerForConditionalGeneration.from_pretrained(out)
     assert_equal_tensors(model.model.vision_tower.state_dict(), vision_state(sources["clip"]))
     assert TokenPackerProcessor.from_pretrained(out).image_processor.image_mode == "slice"

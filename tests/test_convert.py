@@ -453,7 +453,9 @@ def test_hub_repo_is_downloaded_converted_and_pushed(tmp_path, tiny_original, mo
         pushed = hub.files("user/tokenpacker-tiny")
     assert set(pushed) == {p.name for p in dst.iterdir()}
     assert pushed["model-00001-of-00002.safetensors"] == (dst / "model-00001-of-00002.safetensors").read_bytes()
-    assert "base_model:\n- sunshine-lwt/TokenPacker-tiny-144token\n" in pushed["README.md"].decode()
+    card = pushed["README.md"].decode()
+    assert "base_model:\n- sunshine-lwt/TokenPacker-tiny-144token\n" in card
+    assert "\n# tokenpacker-tiny\n" in card and 'from_pretrained("user/tokenpacker-tiny", trust_remote_code=True' in card
     assert TokenPackerForConditionalGeneration.from_pretrained(dst).config.scale_factor == 2
 
 

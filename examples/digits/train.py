@@ -27,17 +27,18 @@ from typing import Any
 import torch
 from PIL import Image
 from tqdm import tqdm
-from huggingface_hub import ModelCard
+from huggingface_hub import EvalResult, ModelCard
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
 import make_data
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor, to_rgb_image
 from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, make_tokenizer, text_config, vision_config
-from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_preset, model_card
+from tokenpacker_hf.training import CardExample, LlavaDataset, TokenPackerCollator, apply_preset, model_card
 
 QUESTION = make_data.PROMPT.replace("<image>", "").strip()
 MODEL_CARD_REPO = "examples/models/tokenpacker-digits"  # where the shipped model lives, relative to the repo root
+SAMPLE_GRID = "examples/digits/sample_grid.png"  # a held-out grid (3168) the card's snippet reads, same root
 
 # The vicuna_v1 turn format without its ~150-token system prompt, which on a byte-level vocabulary would triple
 # the sequence and the cost of every step.
@@ -282,20 +283,38 @@ def save_folder(
 def digits_model_card(
     config: TokenPackerConfig, processor: TokenPackerProcessor, results: dict[str, Any]
 ) -> ModelCard:
-    """The package's Hub model card plus what this model was trained on and how well it reads held-out grids."""
+    """The package's Hub model card plus what this model was trained on and how well it reads held-out grids.
+
+    The usage snippet reads the shipped sample grid with the training question, from the repository root; the
+    measured accuracies go into the `model-index` metadata too. The model is the package's own work: its license.
+    """
+    held_out = dict(task_type="image-text-to-text", dataset_type="digit-grids", dataset_split="test",
+                    dataset_name="held-out 2×2 handwritten digit grids (examples/digits/make_data.py)")  # fmt: skip
     card = model_card(
         config,
         MODEL_CARD_REPO,
         image_processor=processor.image_processor,
         description="Trained from scratch on a CPU by `examples/digits/train.py` to read 2×2 grids of real "
         "handwritten digits (scikit-learn's bundled UCI scans); a demo of the package, not a general model.",
+        license="apache-2.0",
+        example=CardExample(
+            image=SAMPLE_GRID, prompt=QUESTION, dtype="float32", max_new_tokens=16,
+            where="Run it from the root of the tokenpacker-hf repository, which holds this folder and the sample "
+            "grid (a held-out grid showing 3168).",
+        ),  # fmt: skip
+        eval_results=[
+            EvalResult(**held_out, metric_type="accuracy", metric_name="digit accuracy",
+                       metric_value=results["digit_accuracy"]),
+            EvalResult(**held_out, metric_type="exact_match", metric_name="all four digits right",
+                       metric_value=results["exact_match"]),
+        ],  # fmt: skip
     )
     tower = "trained end-to-end" if results["vision_tower"] == "trained" else "frozen at its random init"
     body = [
         "## Reading digits",
         "",
         "```bash",
-        f'tokenpacker-hf generate --model {MODEL_CARD_REPO} --image examples/digits/sample_grid.png --prompt "{QUESTION}"',
+        f'tokenpacker-hf generate --model {MODEL_CARD_REPO} --image {SAMPLE_GRID} --prompt "{QUESTION}"',
         "```",
         "",
         "prints the four digits in raster order, e.g. `3805`. Any 32×32 grid from `examples/digits/make_data.py` "
@@ -314,6 +333,15 @@ def digits_model_card(
         "",
     ]
     return ModelCard(str(card) + "\n" + "\n".join(body))
+
+
+def write_card(folder: str | Path = MODEL_CARD_REPO) -> None:
+    """Rewrites `folder`/README.md from the folder's config, processor and eval_results.json, without retraining:
+    `python -c "import sys; sys.path[:0] = ['examples/digits']; import train; train.write_card()"`."""
+    folder = Path(folder)
+    results = json.loads((folder / "eval_results.json").read_text())
+    config = TokenPackerConfig.from_pretrained(folder)
+    digits_model_card(config, TokenPackerProcessor.from_pretrained(folder), results).save(folder / "README.md")
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[DigitsArguments, TrainingArguments]:

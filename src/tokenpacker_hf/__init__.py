@@ -4,6 +4,8 @@ Importing the package registers it with the Auto classes, and marks its classes 
 `save_pretrained` / `push_to_hub` write folders that load with `trust_remote_code=True` anywhere.
 """
 
+from importlib.metadata import PackageNotFoundError, version
+
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForImageTextToText, AutoProcessor
 
 from .configuration_tokenpacker import TokenPackerConfig
@@ -18,6 +20,12 @@ from .projector_tokenpacker import (
     build_projector,
 )
 
+try:
+    # The installed distribution's version, which pyproject.toml sets: one source of truth.
+    __version__ = version("tokenpacker-hf")
+except PackageNotFoundError:  # a source tree on sys.path that was never installed has no metadata to read
+    __version__ = "0+unknown"
+
 AutoConfig.register("tokenpacker", TokenPackerConfig, exist_ok=True)
 AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
 AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
@@ -30,6 +38,7 @@ TokenPackerModel.register_for_auto_class("AutoModel")
 TokenPackerForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = [
+    "__version__",
     "TokenPackerConfig",
     "TokenPackerPreTrainedModel",
     "TokenPackerModel",

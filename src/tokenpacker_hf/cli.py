@@ -1,10 +1,13 @@
 # Copyright 2026 The tokenpacker_hf authors. Licensed under the Apache License, Version 2.0.
 """`tokenpacker-hf`: read images with a TokenPacker model, describe a model folder, convert original checkpoints.
 
-    tokenpacker-hf generate --model DIR_OR_REPO --image IMG [--image IMG ...] --prompt TEXT
+    tokenpacker-hf generate --model DIR_OR_REPO --image IMG [--image IMG ...] --prompt TEXT [--stream]
+        [--do-sample --temperature T --top-p P --seed N] [--num-beams N] [--revision REV] [--verbose]
     tokenpacker-hf info DIR_OR_REPO
     tokenpacker-hf convert SRC DST [--vision-tower ID] [--scale-factor S] [--max-slices N] [--dtype bfloat16]
     tokenpacker-hf init --vision-tower ID --language-model ID OUT [--scale-factor S] [--image-mode pad|slice]
+    tokenpacker-hf demo [--model DIR] [--port N]
+    tokenpacker-hf --version
 
 Errors a user can fix (a missing or damaged model folder, a Hub repo that does not exist or a Hub that cannot be
 reached, an unusable image or device, a checkpoint that is not TokenPacker's) print one line `error: ...` on
@@ -14,19 +17,27 @@ stderr and exit with code 2. Ctrl-C or SIGTERM print one line and exit with 128 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import signal
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from huggingface_hub.errors import StrictDataclassError
 from PIL import Image
+from transformers import TextStreamer
 
+from . import __version__
 from .hub import ModelFiles, locate_repo, one_line
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
 PROCESSOR_CONFIGS = ("processor_config.json", "preprocessor_config.json")
+# The demo's defaults: the model this repo ships and a held-out grid it reads, relative to the repository root.
+DEMO_MODEL = "examples/models/tokenpacker-digits"
+DEMO_IMAGE = "examples/digits/sample_grid.png"
+DEMO_PROMPT = "Read the digits."
 
 
 class UsageError(Exception):
@@ -44,8 +55,32 @@ def positive_int(text: str) -> int:
     return value
 
 
+def positive_float(text: str) -> float:
+    """argparse type for `--temperature`: a finite number above 0 (0 would divide the logits by zero)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
+    return value
+
+
+def probability(text: str) -> float:
+    """argparse type for `--top-p`: a probability mass in (0, 1]."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, got {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The `tokenpacker-hf` argument parser: `--version` and one subcommand per entry of `COMMANDS`."""
     parser = argparse.ArgumentParser(prog="tokenpacker-hf", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     generate = commands.add_parser("generate", help="answer a prompt about one or more images")
@@ -53,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--image", required=True, action="append", help="image file; repeat for several")
     generate.add_argument("--prompt", required=True, help="the question, without <image> (added per image)")
     generate.add_argument("--max-new-tokens", type=positive_int, default=64)
-    generate.add_argument("--dtype", choices=DTYPES, default="float32")
-    generate.add_argument(
-        "--device", default=None, help=f"one of {', '.join(DEVICE_TYPES)}, optionally with an index such as cuda:1 "
-        "(default: cuda when available, else cpu)"
-    )  # fmt: skip
+    generate.add_argument("--stream", action="store_true", help="print the answer word by word as it is generated")
+    generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature (with --do-sample)")
+    generate.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass (with --do-sample)")
+    generate.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams")
+    generate.add_argument("--seed", type=int, default=None, help="seed the random generators, for repeatable sampling")
+    add_loading_arguments(generate)
+
+    demo = commands.add_parser("demo", help="serve a page to ask a model about an image, in a browser")
+    demo.add_argument("--model", default=DEMO_MODEL, help=f"model folder or Hub repo id (default: {DEMO_MODEL})")
+    demo.add_argument("--image", default=DEMO_IMAGE, help=f"image shown when the page opens (default: {DEMO_IMAGE})")
+    demo.add_argument("--prompt", default=DEMO_PROMPT, help=f"question shown when the page opens (default: {DEMO_PROMPT})")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=64)
+    demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
+                      "whoever reaches the page can load any folder or Hub repo this machine can)")  # fmt: skip
+    demo.add_argument("--port", type=int, default=7860, help="port to listen on (0: any free port)")
+    add_loading_arguments(demo)
 
     info = commands.add_parser("info", help="print what a model folder holds: projector, token budget, towers")
     info.add_argument("model", help="model folder or Hub repo id")
@@ -90,13 +137,57 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def locate_model(model: str) -> ModelFiles:
-    """The model folder `model`, or the Hub repo it names (one quick request, see `tokenpacker_hf.hub`).
+def add_loading_arguments(command: argparse.ArgumentParser) -> None:
+    """The options of commands that load a model for generation: where, how, and how much to print."""
+    command.add_argument("--revision", default=None, help="branch, tag or commit of a Hub repo (default: main)")
+    command.add_argument("--dtype", choices=DTYPES, default="float32")
+    command.add_argument(
+        "--device", default=None, help=f"one of {', '.join(DEVICE_TYPES)}, optionally with an index such as cuda:1 "
+        "(default: cuda when available, else cpu)"
+    )  # fmt: skip
+    command.add_argument("--attn-implementation", default=None, help="eager, sdpa, flex_attention, flash_attention_2, "
+                         "... (default: transformers' choice)")  # fmt: skip
+    command.add_argument("--verbose", action="store_true", help="show transformers' loading progress and warnings")
+
+
+@contextlib.contextmanager
+def quiet_transformers(quiet: bool) -> Iterator[None]:
+    """While `quiet`, silences transformers' per-load noise: the "Loading weights" bar and info/warning logs.
+
+    Hub download bars stay on: downloading is long work a user wants to see progress of (transformers'
+    `disable_progress_bar` also turns those off, so they are turned back on). Everything is restored on exit,
+    since `main` also runs inside other programs (and tests).
+    """
+    if not quiet:
+        yield
+        return
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+    from transformers.utils import logging
+
+    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    hub_bars = not are_progress_bars_disabled()
+    logging.disable_progress_bar()
+    logging.set_verbosity_error()
+    enable_progress_bars() if hub_bars else disable_progress_bars()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
+        if bars:
+            logging.enable_progress_bar()
+        enable_progress_bars() if hub_bars else disable_progress_bars()
+
+
+def locate_model(model: str, revision: str | None = None) -> ModelFiles:
+    """The model folder `model`, or the Hub repo it names at `revision` (one quick request, see
+    `tokenpacker_hf.hub`).
 
     A path that does not exist is only taken for a repo id when it could be one (`owner/name`).
     """
     path = Path(model)
     if path.exists():
+        if revision is not None:
+            raise UsageError(f"--revision {revision} names a version of a Hub repo, but {model} is a local folder")
         if not (path / "config.json").is_file():
             raise UsageError(f"{model} is not a model folder: it has no config.json")
         files = frozenset(item.relative_to(path).as_posix() for item in path.rglob("*") if item.is_file())
@@ -109,7 +200,7 @@ def locate_model(model: str) -> ModelFiles:
         raise UsageError(f"no model folder at {model}") from None
     if model.startswith((".", "/", "~")) or model.count("/") != 1:
         raise UsageError(f"no model folder at {model}")
-    return locate_repo(model)
+    return locate_repo(model, revision=revision)
 
 
 def available_devices() -> list[str]:
@@ -171,7 +262,8 @@ def load_pretrained(loader: Any, source: ModelFiles, what: str, **kwargs: Any) -
 
     try:
         return loader.from_pretrained(
-            source.name, local_files_only=source.cached_only, trust_remote_code=False, **kwargs
+            source.name, revision=source.revision, local_files_only=source.cached_only, trust_remote_code=False,
+            **kwargs,
         )
     except SafetensorError as error:
         raise UsageError(
@@ -193,24 +285,103 @@ def load_tokenpacker_config(source: ModelFiles) -> Any:
     return config
 
 
-def generate(args: argparse.Namespace) -> str:
-    """Greedy answer of the model to `args.prompt` about `args.image`, decoded without special tokens."""
+def check_generation_options(args: argparse.Namespace) -> None:
+    """Refuses option combinations `generate` would otherwise ignore or fail on deep inside transformers."""
+    if not args.do_sample:
+        options = (("--temperature", args.temperature), ("--top-p", args.top_p))
+        given = [flag for flag, value in options if value is not None]
+        if given:
+            verb = "apply" if len(given) > 1 else "applies"
+            raise UsageError(f"{' and '.join(given)} {verb} only when sampling: add --do-sample, or drop "
+                             f"{'them' if len(given) > 1 else 'it'} for greedy decoding")  # fmt: skip
+    if getattr(args, "stream", False) and args.num_beams > 1:
+        raise UsageError(f"--stream prints one sequence as it is generated, but --num-beams {args.num_beams} "
+                         "searches several at once: drop one of them")  # fmt: skip
+
+
+def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
+    """The model (in eval mode, on its device) and processor that `args` name, and that device.
+
+    Everything the user can get wrong (device, folder or repo, revision, dtype, attention implementation) is a
+    UsageError or one of `USER_ERRORS` naming it.
+    """
     device = resolve_device(args.device)
-    source = locate_model(args.model)
-    images = load_images(args.image)
+    source = locate_model(args.model, revision=args.revision)
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     load_tokenpacker_config(source)
     processor = load_pretrained(AutoProcessor, source, "processor")
-    model = load_pretrained(AutoModelForImageTextToText, source, "weights", dtype=getattr(torch, args.dtype))
-    model.to(device).eval()
-    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": args.prompt}]
-    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=images, text=prompt, return_tensors="pt").to(device)
+    options = {"dtype": getattr(torch, args.dtype)}
+    if args.attn_implementation:
+        options["attn_implementation"] = args.attn_implementation
+    model = load_pretrained(AutoModelForImageTextToText, source, "weights", **options)
+    return model.to(device).eval(), processor, device
+
+
+def chat_inputs(processor: Any, images: list[Any], prompt: str, device: str) -> Any:
+    """The processor's inputs for one user turn: an `<image>` per image, then `prompt`, then the answer prompt."""
+    content = [{"type": "image"} for _ in images] + [{"type": "text", "text": prompt}]
+    text = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    return processor(images=images, text=text, return_tensors="pt").to(device)
+
+
+def decoding_options(args: argparse.Namespace) -> dict[str, Any]:
+    """`generate` keyword arguments for the decoding flags; unset ones keep the model's generation config."""
+    options: dict[str, Any] = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
+                               "num_beams": args.num_beams}  # fmt: skip
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.top_p is not None:
+        options["top_p"] = args.top_p
+    return options
+
+
+class StrippedStreamer(TextStreamer):
+    """`TextStreamer` that prints the answer trimmed like the non-streamed one (`str.strip`): leading whitespace
+    is dropped and trailing whitespace held back until more text follows it, so `--stream` prints byte for byte
+    what `generate` without it prints, only sooner."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        super().__init__(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        self.started = False
+        self.pending = ""
+
+    def on_finalized_text(self, text: str, stream_end: bool = False) -> None:
+        text = self.pending + text
+        if not self.started:
+            text = text.lstrip()
+            self.started = bool(text)
+        body = text.rstrip()
+        self.pending = text[len(body) :]
+        print(body, end="\n" if stream_end else "", flush=True)
+
+
+def generate(args: argparse.Namespace) -> str | None:
+    """The model's answer to `args.prompt` about `args.image`, decoded without special tokens and stripped; with
+    `--stream` it is printed as it is generated instead, and None returned."""
+    check_generation_options(args)
+    images = load_images(args.image)
+    model, processor, device = load_model(args)
+    import torch
+    from transformers import set_seed
+
+    if args.seed is not None:
+        set_seed(args.seed)
+    inputs = chat_inputs(processor, images, args.prompt, device)
+    streamer = StrippedStreamer(processor.tokenizer) if args.stream else None
     with torch.inference_mode():
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+        output = model.generate(**inputs, **decoding_options(args), streamer=streamer)
+    if streamer is not None:
+        return None
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0].strip()
+
+
+def demo(args: argparse.Namespace) -> None:
+    """Serves the demo page until interrupted (see `tokenpacker_hf.demo`)."""
+    from .demo import serve
+
+    serve(args)
 
 
 def describe_image_processor(source: ModelFiles) -> str:
@@ -273,7 +444,7 @@ def init(args: argparse.Namespace) -> str:
 
     from . import TokenPackerForConditionalGeneration, TokenPackerProcessor
     from .convert_tokenpacker_original import remove_stale_staging, staging_folder
-    from .training import model_card
+    from .training import inherited_metadata, model_card
 
     dst = Path(args.output)
     remove_stale_staging(dst)
@@ -289,8 +460,10 @@ def init(args: argparse.Namespace) -> str:
     model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
         *parts, processor=processor, dtype=getattr(torch, args.dtype), **config
     )
-    card = model_card(model.config, dst.name, image_processor=processor.image_processor,
-                      base_models=[part for part in parts if not Path(part).exists()], description=UNTRAINED_NOTE)
+    license, datasets = inherited_metadata(parts)
+    card = model_card(model.config, str(dst), image_processor=processor.image_processor, license=license,
+                      base_models=[part for part in parts if not Path(part).exists()], datasets=datasets,
+                      description=UNTRAINED_NOTE)  # fmt: skip
     with staging_folder(dst) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
@@ -298,7 +471,7 @@ def init(args: argparse.Namespace) -> str:
     return str(dst)
 
 
-COMMANDS = {"generate": generate, "info": info, "convert": convert, "init": init}
+COMMANDS = {"generate": generate, "info": info, "convert": convert, "init": init, "demo": demo}
 # Everything a user can cause and fix: bad arguments, files, configs (StrictDataclassError: a config field that
 # fails validation), images, repos and an unreachable Hub (HubError and the converter's UploadError are OSErrors,
 # ConversionError a ValueError).
@@ -306,9 +479,14 @@ USER_ERRORS = (UsageError, ValueError, OSError, KeyError, StrictDataclassError, 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs one `tokenpacker-hf` command; returns the exit code (0, 2 for a user's error, 128 + signal)."""
     args = build_parser().parse_args(argv)
     try:
-        print(COMMANDS[args.command](args))
+        # Commands that load a model for generation are quiet unless --verbose; convert and init show progress.
+        with quiet_transformers(getattr(args, "verbose", True) is False):
+            result = COMMANDS[args.command](args)
+        if result is not None:
+            print(result)
     except KeyboardInterrupt as interrupt:
         # Ctrl-C, or SIGTERM during a conversion (which raises a KeyboardInterrupt carrying `signum`).
         signum = getattr(interrupt, "signum", signal.SIGINT)

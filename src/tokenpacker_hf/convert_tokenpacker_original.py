@@ -193,8 +193,8 @@ def convert_vision_tower_state_dict(state_dict: dict[str, torch.Tensor]) -> dict
 
 
 def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
-    """A local folder, or a Hub repo downloaded with huggingface_hub (configs, tokenizer, and one weight format:
-    safetensors when the repo has them, else the `.bin` shards)."""
+    """A local folder, or a Hub repo downloaded with huggingface_hub (configs, tokenizer, model card for its
+    license, and one weight format: safetensors when the repo has them, else the `.bin` shards)."""
     path = Path(name_or_path)
     if path.is_dir():
         return path
@@ -212,7 +212,7 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
     has_safetensors = any(file.endswith(".safetensors") for file in repo.files)
     weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", *weights],
+        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", "README.md", *weights],
                                       local_files_only=repo.cached_only))  # fmt: skip
     # The Hub client's network errors differ between huggingface_hub releases (httpx, httpx2).
     except Exception as error:
@@ -682,17 +682,24 @@ def build_processor(config, tokenizer, image_mode: str, max_slices: int):
     return TokenPackerProcessor.from_config(config, image_processor=image_processor, tokenizer=tokenizer)
 
 
-def write_model_card(config, folder: Path, processor, src: str, hub_sources: list[str], repo_id: str | None) -> None:
+def write_model_card(config, folder: Path, processor, sources: list[Path], name: str, hub_sources: list[str],
+                     model_id: str) -> None:  # fmt: skip
+    """Writes the card into `folder` (the staging folder). `model_id` is what the reader loads: the pushed repo,
+    else the destination as the user named it, never the staging folder. The license and datasets are those the
+    cards of the `sources` folders (the checkpoint `name`, and the vision tower when it came separately) state."""
     from huggingface_hub import ModelCard
 
-    from .training import model_card
+    from .training import inherited_metadata, model_card
 
+    license, datasets = inherited_metadata([str(source) for source in sources])
     card = model_card(
         config,
-        repo_id or folder.name,
+        model_id,
         image_processor=processor.image_processor,
         base_models=hub_sources,
-        description=f"Converted from the original checkpoint `{src}` with `tokenpacker-hf convert`.",
+        datasets=datasets,
+        license=license,
+        description=f"Converted from the original checkpoint `{name}` with `tokenpacker-hf convert`.",
     )
     conversion = (
         "\n## Conversion\n\nConverted from the authors' LLaVA-format checkpoint with `tokenpacker-hf convert`: keys "
@@ -856,6 +863,7 @@ def convert_original_checkpoint(
     check_is_tokenpacker(source_shapes)
 
     hub_sources = [name] if not Path(src).is_dir() else []
+    card_sources = [folder]
     if any(key.startswith(_ORIGINAL_TOWER_PREFIX) for key in source_shapes):
         tower_shapes = convert_original_state_dict(
             {k: t for k, t in source_shapes.items() if k.startswith(_ORIGINAL_TOWER_PREFIX)}
@@ -864,6 +872,7 @@ def convert_original_checkpoint(
     else:
         vision_tower = vision_tower or DEFAULT_VISION_TOWER
         tower_folder = resolve_folder(vision_tower, "vision tower")
+        card_sources.append(tower_folder)
         vision_config = load_vision_config(tower_folder)
         plan += _plan(find_weight_files(tower_folder), from_tower=True)
         if not Path(vision_tower).is_dir():
@@ -890,7 +899,7 @@ def convert_original_checkpoint(
                       config.tie_word_embeddings)  # fmt: skip
         write_model_files(config, staging, folder, image_token_id)
         processor.save_pretrained(staging)
-        write_model_card(config, staging, processor, name, hub_sources, push_to_hub)
+        write_model_card(config, staging, processor, card_sources, name, hub_sources, push_to_hub or str(dst))
     if push_to_hub:
         upload_converted(dst, push_to_hub)
     return dst

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from huggingface_hub import HfApi, ModelCard, ModelCardData
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from PIL import Image
 from torch import nn
 
@@ -498,31 +498,80 @@ def apply_preset(
 # Hub
 
 
-def _usage_snippet(repo_id: str, adapter_base: str | None) -> str:
+@dataclass(frozen=True)
+class CardExample:
+    """What a model card's usage snippet asks, so that the snippet runs as written.
+
+    `image` is a URL or a path (relative to where the snippet runs, which `where` tells the reader).
+    """
+
+    image: str = "http://images.cocodataset.org/val2017/000000039769.jpg"
+    prompt: str = "Describe the image."
+    dtype: str = "bfloat16"
+    max_new_tokens: int = 64
+    where: str = "`load_image` takes a URL or a local file path."
+
+
+def _usage_snippet(repo_id: str, adapter_base: str | None, example: CardExample) -> str:
+    """The card's Python snippet: load, ask `example.prompt` about `example.image`, print the answer."""
+    dtype = f"dtype=torch.{example.dtype}"
     if adapter_base is None:
-        load = (
-            f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True, '
-            "dtype=torch.bfloat16)"
-        )
+        load = f'model = AutoModelForImageTextToText.from_pretrained("{repo_id}", trust_remote_code=True, {dtype})'
     else:
         load = (
-            f'base = AutoModelForImageTextToText.from_pretrained("{adapter_base}", trust_remote_code=True, '
-            "dtype=torch.bfloat16)\n"
+            f'base = AutoModelForImageTextToText.from_pretrained("{adapter_base}", trust_remote_code=True, {dtype})\n'
             f'model = PeftModel.from_pretrained(base, "{repo_id}")  # or .merge_and_unload() for a plain model'
         )
     peft_import = "from peft import PeftModel\n" if adapter_base is not None else ""
     return (
-        "```python\nimport torch\nfrom PIL import Image\n" + peft_import
-        + "from transformers import AutoModelForImageTextToText, AutoProcessor\n\n"
+        "```python\nimport torch\n" + peft_import
+        + "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
+        + "from transformers.image_utils import load_image\n\n"
         + load + "\n"
         + f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
+        + f"image = load_image({json.dumps(example.image)})\n"
         + 'messages = [{"role": "user", "content": [{"type": "image"},\n'
-        + '                                          {"type": "text", "text": "Describe the image."}]}]\n'
+        + f'                                          {{"type": "text", "text": {json.dumps(example.prompt)}}}]}}]\n'
         + "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
-        + 'inputs = processor(images=[Image.open("image.jpg")], text=prompt, return_tensors="pt")\n'
-        + "output = model.generate(**inputs, max_new_tokens=64)\n"
-        + 'print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0])\n```'
+        + 'inputs = processor(images=[image], text=prompt, return_tensors="pt")\n'
+        + f"output = model.generate(**inputs, max_new_tokens={example.max_new_tokens})\n"
+        + 'print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())\n```'
     )
+
+
+def source_card(source: str | os.PathLike) -> ModelCardData | None:
+    """The metadata of the model card of `source` (a folder, or a Hub repo already in the local cache), or None
+    when there is none to read. Never asks the Hub: cards are written offline, after the weights were fetched."""
+    from huggingface_hub import try_to_load_from_cache
+
+    readme = Path(source) / "README.md"
+    if not readme.is_file():
+        cached = try_to_load_from_cache(str(source), "README.md") if not Path(source).exists() else None
+        if not isinstance(cached, str):
+            return None
+        readme = Path(cached)
+    try:
+        return ModelCard.load(readme).data
+    except Exception as error:  # a card with broken YAML front matter only costs the metadata it would give
+        logger.warning("cannot read the model card of %s: %s", source, error)
+        return None
+
+
+def inherited_metadata(sources: list[str] | tuple[str, ...]) -> tuple[str, list[str]]:
+    """The license and datasets a model made from `sources` inherits from their cards.
+
+    The license is the sources' one when they agree, else "unknown" (the Hub's value for a license nobody stated;
+    a mix needs a person to decide). Datasets are the union, in order.
+    """
+    licenses, datasets = set(), []
+    for source in sources:
+        data = source_card(source)
+        licenses.add(getattr(data, "license", None) if data else None)
+        for dataset in (getattr(data, "datasets", None) or []) if data else []:
+            if dataset not in datasets:
+                datasets.append(dataset)
+    license = licenses.pop() if len(licenses) == 1 else None
+    return license or "unknown", datasets
 
 
 def token_budget(config: Any, image_processor: Any) -> str:
@@ -551,24 +600,34 @@ def model_card(
     adapter_base: str | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     description: str = "",
+    license: str = "unknown",
+    example: CardExample = CardExample(),
+    eval_results: list[EvalResult] | None = None,
 ) -> ModelCard:
-    """A Hub model card for a TokenPacker model (or, with `adapter_base`, a PEFT adapter on that base model).
+    """A Hub model card for a TokenPacker model (or, with `adapter_base`, a PEFT adapter on that base model) that
+    `from_pretrained(repo_id)` loads: a repo id, or the folder the card is saved in, as the reader will pass it.
 
-    Metadata: `pipeline_tag: image-text-to-text`, `library_name` (`transformers` or `peft`), `base_model`,
-    tags (`tokenpacker`, `custom_code`, `lora`). Body: the token budget and a usage snippet.
+    Metadata: `license` (a Hub license id; "unknown" when nobody stated one), `pipeline_tag: image-text-to-text`,
+    `library_name` (`transformers` or `peft`), `base_model`, `datasets`, tags (`tokenpacker`, `custom_code`,
+    `lora`) and, with `eval_results`, a `model-index`. Body: the token budget and a usage snippet that asks
+    `example` and runs as written.
     """
     bases = list(base_models) or ([adapter_base] if adapter_base else [])
     tags = ["tokenpacker", "image-text-to-text", "custom_code"] + (["lora", "peft"] if adapter_base else [])
+    name = repo_id.rstrip("/").split("/")[-1]
     data = ModelCardData(
+        license=license,
         library_name="peft" if adapter_base else "transformers",
         pipeline_tag="image-text-to-text",
         base_model=bases or None,
         datasets=list(datasets) or None,
         tags=tags,
+        model_name=name if eval_results else None,
+        eval_results=eval_results or None,
     )
     kind = f"LoRA adapter for [{adapter_base}](https://huggingface.co/{adapter_base})" if adapter_base else "model"
     body = [
-        f"# {repo_id.split('/')[-1]}",
+        f"# {name}",
         "",
         f"A TokenPacker ([arXiv 2407.02392](https://arxiv.org/abs/2407.02392)) {kind}: a "
         f"{config.vision_config.model_type} vision tower, the `{config.projector_type}` projector and a "
@@ -580,9 +639,9 @@ def model_card(
         "",
         "## Usage",
         "",
-        "The modelling code ships with the checkpoint; load it with `trust_remote_code=True`.",
+        f"The modelling code ships with the checkpoint; load it with `trust_remote_code=True`. {example.where}",
         "",
-        _usage_snippet(repo_id, adapter_base),
+        _usage_snippet(repo_id, adapter_base, example),
         "",
     ]
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body))
@@ -597,6 +656,7 @@ def push_to_hub(
     adapter_base: str | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     description: str = "",
+    license: str = "unknown",
     private: bool | None = None,
     token: str | None = None,
 ) -> ModelCard:
@@ -613,6 +673,7 @@ def push_to_hub(
         adapter_base=adapter_base,
         datasets=datasets,
         description=description,
+        license=license,
     )
     # A fresh HfApi, like the uploads above, rather than `card.push_to_hub`, whose module-level client keeps the
     # endpoint it was imported with.
