@@ -55,24 +55,24 @@ def positive_int(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
-    """argparse type for `--temperature`: a finite number above 0 (0 would divide the logits by zero)."""
+def number(text: str) -> float:
+    """`text` as a float, or the argparse error naming what was given."""
     try:
-        value = float(text)
+        return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value < float("inf"):
+
+
+def positive_float(text: str) -> float:
+    """argparse type for `--temperature`: a finite number above 0 (0 would divide the logits by zero)."""
+    if not 0 < (value := number(text)) < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a finite number above 0, got {text}")
     return value
 
 
 def probability(text: str) -> float:
     """argparse type for `--top-p`: a probability mass in (0, 1]."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
+    if not 0 < (value := number(text)) <= 1:
         raise argparse.ArgumentTypeError(f"expected a number above 0 and at most 1, got {text}")
     return value
 
