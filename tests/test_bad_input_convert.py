@@ -316,11 +316,15 @@ def slow_checkpoint(tmp_path_factory) -> Path:
 
 
 def start_conversion(src: Path, dst: Path, log: Path) -> subprocess.Popen:
-    """`tokenpacker-hf convert` in its own process, stderr (progress bars, errors) into `log`."""
+    """`tokenpacker-hf convert` in its own process, stderr (progress bars, errors) into `log`.
+
+    SIGINT is reset to its default in the child: a test run started in the background of a shell inherits it
+    ignored, and Python then never turns Ctrl-C into KeyboardInterrupt, as a user's terminal would."""
     with open(log, "wb") as stderr:
         return subprocess.Popen(
             [sys.executable, "-m", "tokenpacker_hf.cli", "convert", str(src), str(dst), "--dtype", "bfloat16"],
             stdout=subprocess.DEVNULL, stderr=stderr,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )  # fmt: skip
 
 
