@@ -214,7 +214,7 @@ def test_recipe_smoke_composes_pretrained_parts_trains_both_stages_and_compares_
     doc.write_text("<!-- results:start -->\nrandom\n<!-- results:end -->\n"
                    "<!-- recipe:start -->\nold\n<!-- recipe:end -->\n<!-- results-pretrained:start -->\nold\n"
                    "<!-- results-pretrained:end -->\n")
-    # FSDP2 needs an accelerate with `fsdp_version` (1.3, the floor, has none): there the check is left out.
+    # FSDP2 needs an accelerate with `fsdp_version` (1.4, the floor, has none): there the check is left out.
     fsdp2 = ["--fsdp2_steps", "2"] if "fsdp_version" in FullyShardedDataParallelPlugin.__dataclass_fields__ else []
     results = digits_script("recipe").main(["--work_dir", str(tmp_path), "--smoke", "--doc", str(doc), *fsdp2])
 

@@ -109,10 +109,10 @@ def test_an_image_only_turn_follows_the_training_path(llama_tokenizers):
         image_processor=TokenPackerImageProcessor(tile_size=16), tokenizer=llama_tokenizers[False], num_image_tokens=T
     )
     messages = llava_to_messages(turns("<image>", "A tree."))
-    assert processor.apply_chat_template(messages) == f"{VICUNA_V1_SYSTEM} USER: <image> ASSISTANT: A tree.</s>"
+    assert processor.apply_chat_template(messages) == f"<s>{VICUNA_V1_SYSTEM} USER: <image> ASSISTANT: A tree.</s>"
     eval_messages = [{"role": "user", "content": [{"type": "image"}]}]
     assert processor.apply_chat_template(eval_messages, add_generation_prompt=True) == (
-        f"{VICUNA_V1_SYSTEM} USER: <image>\n ASSISTANT:"
+        f"<s>{VICUNA_V1_SYSTEM} USER: <image>\n ASSISTANT:"
     )
 
 

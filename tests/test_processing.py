@@ -240,7 +240,7 @@ def test_chat_template_reproduces_vicuna_v1():
     processor = make_processor("pad")
     question = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is shown?"}]}]
     prompt = processor.apply_chat_template(question, add_generation_prompt=True)
-    assert prompt == f"{VICUNA_V1_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT:"
+    assert prompt == f"<s>{VICUNA_V1_SYSTEM} USER: <image>\nWhat is shown? ASSISTANT:"
     # The original moves the image to the front of the first user turn, and closes answers with </s>.
     conversation = [
         {"role": "user", "content": [{"type": "text", "text": "Describe it."}, {"type": "image"}]},
@@ -248,10 +248,10 @@ def test_chat_template_reproduces_vicuna_v1():
         {"role": "user", "content": [{"type": "text", "text": "Color?"}]},
     ]
     assert processor.apply_chat_template(conversation, add_generation_prompt=True) == (
-        f"{VICUNA_V1_SYSTEM} USER: <image>\nDescribe it. ASSISTANT: A cat.</s>USER: Color? ASSISTANT:"
+        f"<s>{VICUNA_V1_SYSTEM} USER: <image>\nDescribe it. ASSISTANT: A cat.</s>USER: Color? ASSISTANT:"
     )
     with_system = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    assert processor.apply_chat_template(with_system, add_generation_prompt=True) == "Be brief. USER: Hi ASSISTANT:"
+    assert processor.apply_chat_template(with_system, add_generation_prompt=True) == "<s>Be brief. USER: Hi ASSISTANT:"
 
 
 def test_chat_template_with_images_tokenizes_through_the_processor():
@@ -259,7 +259,7 @@ def test_chat_template_with_images_tokenizes_through_the_processor():
     image = noise_image(48, 32)
     conversation = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Hi"}]}]
     out = processor.apply_chat_template(conversation, add_generation_prompt=True, tokenize=True, return_dict=True)
-    expected = processor(images=image, text=f"{VICUNA_V1_SYSTEM} USER: <image>\nHi ASSISTANT:")
+    expected = processor(images=image, text=f"<s>{VICUNA_V1_SYSTEM} USER: <image>\nHi ASSISTANT:")
     assert out["input_ids"] == expected["input_ids"]
     torch.testing.assert_close(out["pixel_values"], expected["pixel_values"])
 

@@ -83,9 +83,9 @@ def test_multi_turn_labels_exact_token_by_token():
         processor, llava_to_messages(conversation), [Image.new("RGB", (16, 16), (255, 0, 0))]
     )
 
-    # (text, supervised) pieces of "{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
+    # (text, supervised) pieces of "<s>{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
     pieces = [
-        (VICUNA_V1_SYSTEM + " USER: ", False),
+        ("<s>" + VICUNA_V1_SYSTEM + " USER: ", False),
         ("<image>", None),
         ("\nWhat is it? ASSISTANT:", False),
         (" A red square.</s>", True),
@@ -141,7 +141,7 @@ def test_samples_that_cannot_fit_are_skipped_counted_and_replaced(tmp_path, capl
     dataset = LlavaDataset(path, processor, tmp_path / "images", max_length=100)
     with caplog.at_level(logging.WARNING, logger="tokenpacker_hf.training"):
         first = dataset[0]
-    assert first["input_ids"].tolist() == char_ids("Be brief. USER: Hi? ASSISTANT: Hello.</s>")
+    assert first["input_ids"].tolist() == char_ids("<s>Be brief. USER: Hi? ASSISTANT: Hello.</s>")
     assert dataset.skipped == {"image_tokens_exceed_max_length": 1, "no_answer_tokens": 1}
     assert "beyond max_length=100" in caplog.text
     dataset[1]

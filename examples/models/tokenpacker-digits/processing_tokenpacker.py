@@ -15,6 +15,7 @@ setting as the slow tokenizer did: see `TokenPackerProcessor.encode_prompt`.
 
 import bisect
 import itertools
+from pathlib import Path
 from typing import Any
 
 from transformers import AutoImageProcessor, AutoTokenizer
@@ -61,30 +62,17 @@ VICUNA_V1_SYSTEM = (
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
 )
 
-# The `vicuna_v1` conversation of the original (`llava/conversation.py`, sep " ", sep2 "</s>"):
-# "{system} USER: <image>\n{question} ASSISTANT:" and answers closed as " ASSISTANT: {answer}</s>". As in the
-# original's `preprocess_multimodal`, a user turn's images come first, each followed by "\n".
-VICUNA_V1_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(system='" + VICUNA_V1_SYSTEM.replace("'", "\\'") + "') -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}{%- set ns.system = messages[0]['content'] -%}"
-    "{%- else -%}{%- set ns.system = messages[0]['content'] | selectattr('type', 'equalto', 'text')"
-    " | map(attribute='text') | join(' ') -%}{%- endif -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{{- ns.system + ' ' -}}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- 'USER: ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- 'ASSISTANT: ' -}}{%- endif -%}"
-    "{%- if message['content'] is string -%}{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for item in message['content'] if item['type'] == 'image' -%}{{- '<image>\\n' -}}{%- endfor -%}"
-    "{{- message['content'] | selectattr('type', 'equalto', 'text') | map(attribute='text') | join(' ') -}}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- '</s>' -}}{%- else -%}{{- ' ' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- 'ASSISTANT:' -}}{%- endif -%}"
-)
+# The original `vicuna_v1` prompt format, shipped beside this module as a readable template. A copy of this module
+# running as remote code has no file beside it: a saved folder brings its own `chat_template.jinja` instead.
+VICUNA_V1_CHAT_TEMPLATE_FILE = Path(__file__).with_name("chat_template.jinja")
+
+
+def vicuna_v1_chat_template() -> str | None:
+    """The package's `vicuna_v1` chat template (with `{% generation %}` around what the model generates); None
+    where this module runs without the template file beside it (as remote code)."""
+    if not VICUNA_V1_CHAT_TEMPLATE_FILE.is_file():
+        return None
+    return VICUNA_V1_CHAT_TEMPLATE_FILE.read_text(encoding="utf-8")
 
 
 class TokenPackerProcessorKwargs(ProcessingKwargs, total=False):
@@ -133,7 +121,7 @@ class TokenPackerProcessor(ProcessorMixin):
         **kwargs,
     ):
         if chat_template is None:
-            chat_template = VICUNA_V1_CHAT_TEMPLATE
+            chat_template = vicuna_v1_chat_template()
         if not isinstance(num_image_tokens, int) or num_image_tokens < 1:
             raise ValueError(f"num_image_tokens must be a positive int, got {num_image_tokens!r}")
         self.image_token = image_token
@@ -320,7 +308,27 @@ class TokenPackerProcessor(ProcessorMixin):
         image starts with the SentencePiece dummy prefix (`<image>`, `▁`, `<0x0A>`, ... for `<image>\\n`) whatever
         the tokenizer's `legacy` setting; only the first chunk keeps its BOS. See `_encode_chunk` for the text after
         a special token inside a chunk. Tokens the tokenizer adds (BOS) have empty spans.
+
+        A prompt that starts with the BOS token written out (as the chat template renders it) gets that BOS and no
+        second one, whatever `add_special_tokens` says: TRL and transformers tokenise rendered chats with
+        `add_special_tokens=False`, the original always had one BOS, and the text after it is tokenised as the
+        start of a text, as the original's was.
         """
+        bos = self.tokenizer.bos_token
+        if not bos or not prompt.startswith(bos):
+            return self._encode_chunks(prompt, add_special_tokens)
+        ids, offsets = self._encode_chunks(prompt[len(bos):], add_special_tokens=True)
+        if ids[:1] == [self.tokenizer.bos_token_id]:  # the BOS the tokenizer added stands for the written one
+            ids, offsets = ids[1:], offsets[1:] if offsets is not None else None
+        ids = [self.tokenizer.bos_token_id] + ids
+        if offsets is not None:
+            offsets = [(0, len(bos))] + [(begin + len(bos), end + len(bos)) for begin, end in offsets]
+        return ids, offsets
+
+    def _encode_chunks(
+        self, prompt: str, add_special_tokens: bool
+    ) -> tuple[list[int], list[tuple[int, int]] | None]:
+        """`encode_prompt` for a prompt that does not start with a written BOS."""
         with_offsets = self.tokenizer.is_fast
         legacy = self._sentencepiece_legacy() if with_offsets else None
         ids: list[int] = []
@@ -545,4 +553,4 @@ class TokenPackerProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_grids"]
 
 
-__all__ = ["TokenPackerProcessor", "count_image_tokens", "VICUNA_V1_CHAT_TEMPLATE", "VICUNA_V1_SYSTEM"]
+__all__ = ["TokenPackerProcessor", "count_image_tokens", "vicuna_v1_chat_template", "VICUNA_V1_SYSTEM"]
