@@ -329,14 +329,15 @@ def test_image_processor_size_is_the_tile_size_and_survives_save_load_and_calls(
 
 @pytest.mark.parametrize(
     "image_mode, mm_processor_kwargs",
-    [("pad", {}), ("slice", {}), ("slice", {"max_slices": 16}), ("pad", {"image_mode": "slice"})],
+    [("pad", {}), ("slice", {}), ("slice", {"max_slices": 16}), ("pad", {"image_mode": "slice"}),
+     ("slice", {"images_kwargs": {"max_slices": 25}})],
 )
 def test_profiling_finds_the_most_tokens_an_image_can_take(image_mode, mm_processor_kwargs):
     processor = make_processor(image_mode)
     size = vllm_image_size_with_most_features(processor, mm_processor_kwargs)
     most = vllm_num_image_tokens(processor, size, mm_processor_kwargs)
-    mode = mm_processor_kwargs.get("image_mode", image_mode)
-    max_slices = mm_processor_kwargs.get("max_slices", 9)
+    options = {**mm_processor_kwargs, **mm_processor_kwargs.get("images_kwargs", {})}
+    mode, max_slices = options.get("image_mode", image_mode), options.get("max_slices", 9)
     expected = T if mode != "slice" else max(count_image_tokens(r, c, T) for r, c in SLICE_GRIDS[max_slices])
     assert most == expected
     if mode == "pad":  # the candidate read off `size` wins the tie

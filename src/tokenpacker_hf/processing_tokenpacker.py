@@ -625,17 +625,19 @@ class TokenPackerProcessor(ProcessorMixin):
 
     def _get_num_multimodal_tokens(self, image_sizes: list[tuple[int, int]] | None = None, **kwargs) -> MultiModalData:
         """Per image (height, width): the positions its `<image>` expands to and the tiles it yields, without
-        running the image processor on pixels. `image_mode`, `max_slices` and `tile_size` in `kwargs` override
-        the image processor's settings as they do in a call.
+        running the image processor on pixels. `image_mode`, `max_slices` and `tile_size` in `kwargs` (flat or
+        in an `images_kwargs` dict) override the image processor's settings as they do in a call.
 
         Returns:
             `MultiModalData(num_image_tokens=[...], num_image_patches=[...])`.
         """
         if image_sizes is None:
             return MultiModalData()
-        # The image options a call takes (vLLM passes its `mm_processor_kwargs` here too) decide the grids.
-        image_mode = kwargs.get("image_mode") or self.image_mode
-        grid_options = {key: kwargs.get(key) for key in ("max_slices", "tile_size")}
+        # The image options a call takes, flat or under `images_kwargs`, decide the grids: vLLM passes its
+        # `mm_processor_kwargs` here as they are given.
+        options = {**kwargs, **(kwargs.get("images_kwargs") or {})}
+        image_mode = options.get("image_mode") or self.image_mode
+        grid_options = {key: options.get(key) for key in ("max_slices", "tile_size")}
         grids = [
             self.image_processor.get_image_grid(height, width, image_mode, **grid_options)
             for height, width in image_sizes
