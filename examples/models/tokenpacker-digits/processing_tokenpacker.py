@@ -116,7 +116,9 @@ class TokenPackerProcessor(ProcessorMixin):
             TokenPacker-HD models saw. An int is used as the id itself.
 
     Calling it returns `input_ids`, `attention_mask` (from real padding only: the separator can equal the pad
-    id), and with images `pixel_values` `[total_tiles, 3, S, S]` and `image_grids` `[num_images, 2]`.
+    id), and with images `pixel_values` `[total_tiles, 3, S, S]` and `image_grids` `[num_images, 2]`. On request
+    it also returns `text_replacement_offsets` and `offset_mapping`, what serving engines (vLLM's Transformers
+    backend) and `apply_chat_template(..., return_assistant_tokens_mask=True)` read (see `__call__`).
     """
 
     valid_processor_kwargs = TokenPackerProcessorKwargs
@@ -247,11 +249,20 @@ class TokenPackerProcessor(ProcessorMixin):
             text: a prompt or a list of prompts, with one `image_token` per image.
             padding, padding_side, truncation, max_length, pad_to_multiple_of, return_tensors, ...: as for
                 tokenizers. Padding happens after expansion; truncation never cuts an image's tokens.
+            return_text_replacement_offsets: also return, per prompt, one dict per image as transformers'
+                `get_text_with_replacements` gives them: `type` "image", `span` of its `<image>` in the prompt,
+                `new_span` in the expanded text (each `<image>` replaced by its `replacement`), `text` and
+                `replacement`, the layout written as text that the tokenizer encodes back to exactly the
+                layout's ids (raises if it cannot). `image_grids` then comes as a list of `[2]` tensors, one
+                entry per image, since engines split tensor fields into per-image items by tiles.
+            return_offsets_mapping: also return `offset_mapping`, per token its `(start, end)` in the expanded
+                text ((0, 0) at padding, empty for added tokens); needs a fast tokenizer.
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` (lists, or `[batch, seq]` with
             `return_tensors="pt"`), plus `pixel_values` `[total_tiles, 3, S, S]` and `image_grids`
-            `[num_images, 2]` when images are given.
+            `[num_images, 2]` when images are given, and `text_replacement_offsets` / `offset_mapping`
+            `[batch, seq, 2]` when asked for.
         """
         if text is None:
             raise ValueError("expected a prompt (text) with one image token per image, got text=None")
