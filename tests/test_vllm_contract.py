@@ -124,7 +124,8 @@ def vllm_call_hf_processor(processor: Any, data: dict, kwargs: dict) -> BatchFea
     try:
         output = processor(**data, **allowed_kwargs)
     except Exception as exc:
-        raise ValueError(f"Failed to apply {type(processor).__name__} on data={data} with kwargs={allowed_kwargs}") from exc
+        message = f"Failed to apply {type(processor).__name__} on data={data} with kwargs={allowed_kwargs}"
+        raise ValueError(message) from exc
     assert isinstance(output, BatchFeature), "vLLM warns and guesses for a processor not returning BatchFeature"
     return BatchFeature(dict(output.data))
 
@@ -134,7 +135,8 @@ def vllm_apply_hf_processor_main(processor: Any, images: list[Image.Image], mm_p
     `truncation=False`) and _get_num_image_patches / _get_num_patches_per_image."""
     hf_kwargs = {"truncation": False, **mm_processor_kwargs}
     hf_data = {"images": images, "return_text_replacement_offsets": True}
-    hf_inputs = vllm_call_hf_processor(processor, dict(text=vllm_dummy_text(processor, len(images)), **hf_data), hf_kwargs)
+    text = vllm_dummy_text(processor, len(images))
+    hf_inputs = vllm_call_hf_processor(processor, dict(text=text, **hf_data), hf_kwargs)
     # _unpad_images only acts on an `image_sizes` field; ours has none, so pixel_values stay as they are.
     assert "image_sizes" not in hf_inputs
     hf_inputs.pop("mm_token_type_ids", None)
@@ -149,7 +151,8 @@ def vllm_apply_hf_processor_main(processor: Any, images: list[Image.Image], mm_p
     hf_inputs["image_replacement_sizes"] = torch.tensor([len(seq) for seq in seqs])
     # _get_num_image_patches: no `image_grid_thw`, so the processor is asked per image (PIL height, width).
     sizes = [(image.height, image.width) for image in images]
-    num_patches = torch.tensor(processor._get_num_multimodal_tokens(image_sizes=sizes, **mm_processor_kwargs)[IMAGE_SIZE_KEY])
+    mm_tokens = processor._get_num_multimodal_tokens(image_sizes=sizes, **mm_processor_kwargs)
+    num_patches = torch.tensor(mm_tokens[IMAGE_SIZE_KEY])
     rows = hf_inputs["pixel_values"].shape[vllm_slice_dim(hf_inputs["pixel_values"], int(num_patches.sum()))]
     assert rows == int(num_patches.sum()), "vLLM raises: the rows of image data cannot be attributed to images"
     hf_inputs[IMAGE_SIZE_KEY] = num_patches
@@ -276,7 +279,9 @@ def vllm_embed_multimodal(model: nn.Module, batch: dict[str, Any]) -> list[torch
     return vllm_split_embeddings(torch.cat(list(features)), split_sizes)
 
 
-def vllm_forward(model: nn.Module, prompt_ids: list[int], placeholders: list, embeddings: list[torch.Tensor]) -> torch.Tensor:
+def vllm_forward(
+    model: nn.Module, prompt_ids: list[int], placeholders: list, embeddings: list[torch.Tensor]
+) -> torch.Tensor:
     """The prompt's last hidden states `[L, D]` as vLLM computes them: embed_input_ids (Base), the image
     embeddings written at the embedding positions (_merge_multimodal_embeddings, model_executor/models/utils.py),
     then Base.forward's call of the Transformers model with a batch of one."""
@@ -368,7 +373,8 @@ def test_serving_replay_gives_our_ids_and_our_hidden_states(model, image_mode):
         grids = [GRIDS[name] if image_mode == "slice" else (1, 1) for name in names]
         for item, grid in zip(items, grids):
             assert item["image_grids"].tolist() == list(grid)
-            assert item["pixel_values"].shape[0] == int(item[IMAGE_SIZE_KEY]) == (1 if grid == (1, 1) else grid[0] * grid[1] + 1)
+            tiles = 1 if grid == (1, 1) else grid[0] * grid[1] + 1
+            assert item["pixel_values"].shape[0] == int(item[IMAGE_SIZE_KEY]) == tiles
             assert item["image_replacement_ids"].tolist() == processor.image_token_layout(grid)
         replacements = vllm_prompt_replacements(items)
         assert {embed_id for _, embed_id in replacements} == {processor.image_token_id}
@@ -380,7 +386,8 @@ def test_serving_replay_gives_our_ids_and_our_hidden_states(model, image_mode):
         fields_seen = fields
 
     # One encoder batch across the requests, as the model runner groups consecutive items.
-    embeddings = vllm_embed_multimodal(model, vllm_batch(all_items, fields_seen))
+    with torch.no_grad():
+        embeddings = vllm_embed_multimodal(model, vllm_batch(all_items, fields_seen))
     assert len(embeddings) == len(all_items)
     start = 0
     for prompt_ids, placeholders, ours, count in requests:

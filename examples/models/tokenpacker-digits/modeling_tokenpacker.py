@@ -246,10 +246,10 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         """Embeds the text, writes each image's features over its `<image>` positions, runs the LM.
 
         `input_ids [B, L]` (or `inputs_embeds [B, L, D_text]`), `pixel_values [tiles, 3, H, W]`,
-        `image_grids [num_images, 2]` (or a list of `[2]` grids); `mm_encoder_outputs["image"]` may carry precomputed features
-        (what `generate` passes after encoding the images once). The KV cache comes as `cache` or, as
-        transformers before 5.24 names it, `past_key_values`; the output names it as the installed version
-        does. `return_dict=False` gives the output's non-None fields as a tuple.
+        `image_grids [num_images, 2]` (or a list of `[2]` grids); `mm_encoder_outputs["image"]` may carry
+        precomputed features (what `generate` passes after encoding the images once). The KV cache comes as
+        `cache` or, as transformers before 5.24 names it, `past_key_values`; the output names it as the installed
+        version does. `return_dict=False` gives the output's non-None fields as a tuple.
         """
         cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
