@@ -166,21 +166,26 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         region_levels = [states[config.resolved_layer(i)][:, first:] for i in config.region_feature_layers]
         return query_features, torch.cat(region_levels, dim=-1)
 
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | list[torch.Tensor] | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """Projected image features, one entry per image.
 
         Args:
             pixel_values: `[tiles, 3, H, W]`, all tiles of all images (one vision call).
-            image_grids: `[num_images, 2]` slice grids `(rows, cols)`; an image with rows·cols > 1 owns
-                rows·cols tiles plus its thumbnail. Without it every tile is its own image.
+            image_grids: `[num_images, 2]` slice grids `(rows, cols)`, or a list of `[2]` grids (the processor's
+                form when asked for replacement offsets); an image with rows·cols > 1 owns rows·cols tiles plus
+                its thumbnail. Without it every tile is its own image.
+            return_dict: False gives the output's fields as a tuple (vLLM passes True).
         Returns:
             `BaseModelOutputWithPooling` whose `pooler_output` is a list with one `[tokens_i, D_text]` tensor per
             image (tokens_i = tiles_i · T), and `last_hidden_state` the query features `[tiles, G*G, Dv]`.
         """
         query_features, region_features = self.get_vision_features(pixel_values)
         projected = self.multi_modal_projector(query_features, region_features)
+        if isinstance(image_grids, (list, tuple)):
+            image_grids = torch.stack([torch.as_tensor(grid) for grid in image_grids])
         if image_grids is None:
             per_image = list(projected)
         else:
@@ -233,7 +238,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        image_grids: torch.Tensor | None = None,
+        image_grids: torch.Tensor | list[torch.Tensor] | None = None,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,
         past_key_values: Cache | None = None,
         **kwargs,
@@ -241,10 +246,10 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         """Embeds the text, writes each image's features over its `<image>` positions, runs the LM.
 
         `input_ids [B, L]` (or `inputs_embeds [B, L, D_text]`), `pixel_values [tiles, 3, H, W]`,
-        `image_grids [num_images, 2]`; `mm_encoder_outputs["image"]` may carry precomputed features
-        (what `generate` passes after encoding the images once). The KV cache comes as `cache` or, as
-        transformers before 5.24 names it, `past_key_values`; the output names it as the installed version
-        does. `return_dict=False` gives the output's non-None fields as a tuple.
+        `image_grids [num_images, 2]` (or a list of `[2]` grids); `mm_encoder_outputs["image"]` may carry
+        precomputed features (what `generate` passes after encoding the images once). The KV cache comes as
+        `cache` or, as transformers before 5.24 names it, `past_key_values`; the output names it as the installed
+        version does. `return_dict=False` gives the output's non-None fields as a tuple.
         """
         cache = resolve_cache(cache, past_key_values)
         if (input_ids is None) == (inputs_embeds is None):
@@ -256,7 +261,7 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
 
         image_outputs = (mm_encoder_outputs or {}).get("image")
         if image_outputs is None and pixel_values is not None:
-            image_outputs = self.get_image_features(pixel_values, image_grids=image_grids)
+            image_outputs = self.get_image_features(pixel_values, image_grids=image_grids, return_dict=True)
         if image_outputs is None and cache is None:  # `generate` always passes a cache, and checks the prompt
             self.check_no_image_tokens(input_ids)
         image_features = None
@@ -355,7 +360,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         return self.lm_head
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
+        self, pixel_values: torch.Tensor, image_grids: torch.Tensor | list[torch.Tensor] | None = None, **kwargs
     ) -> BaseModelOutputWithPooling:
         """See [`TokenPackerModel.get_image_features`]."""
         return self.model.get_image_features(pixel_values, image_grids=image_grids, **kwargs)
@@ -384,7 +389,7 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
         position_ids: torch.LongTensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        image_grids: torch.Tensor | None = None,
+        image_grids: torch.Tensor | list[torch.Tensor] | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         mm_encoder_outputs: dict[str, BaseModelOutputWithPooling] | None = None,

@@ -391,7 +391,8 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         image_mode (`str`, defaults to `"pad"`): `"pad"`, `"square"` or `"slice"`.
         max_slices (`int`, defaults to 9): Candidate list of the slice mode (`patch_num` of the original): 9, 16
             or 25.
-        tile_size (`int`, defaults to 336): Side S of every tile, i.e. the vision tower's `image_size`.
+        tile_size (`int`, defaults to 336): Side S of every tile, i.e. the vision tower's `image_size`. The
+            `size` property reports it as `{"height": S, "width": S}`; a `size` argument must agree with it.
         image_mean, image_std (`list[float]`, default CLIP): Normalisation; the pad colour is
             `int(mean · 255)` per channel, the slice padding is exactly the mean (zero after normalising).
         thumbnail_from (`str`, defaults to `"canvas"`): Source of the slice-mode thumbnail. `"canvas"`
@@ -422,6 +423,22 @@ class TokenPackerImageProcessor(BaseImageProcessor):
     valid_kwargs = TokenPackerImagesKwargs
     model_input_names = ["pixel_values", "image_grids"]
 
+    @property
+    def size(self) -> dict[str, int]:
+        """`{"height": tile_size, "width": tile_size}`: the size every tile is resized to. Derived from `tile_size`
+        (so it cannot go stale); serving engines read it to size their profiling images, as for other HF image
+        processors. Assigning is accepted only when it agrees with `tile_size`."""
+        return {"height": self.tile_size, "width": self.tile_size}
+
+    @size.setter
+    def size(self, value: Any) -> None:
+        _check_size(value, self.tile_size)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The settings as saved in `preprocessor_config.json`, with the derived `size` written out so the file
+        states the tiles' size as other image processors' configs do (it is checked against `tile_size` on load)."""
+        return {**super().to_dict(), "size": self.size}
+
     def __init__(
         self,
         image_mode: str = "pad",
@@ -436,6 +453,8 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         # Keys written by `to_dict` that are not settings of this class.
         for key in ("image_processor_type", "_valid_kwargs_names"):
             kwargs.pop(key, None)
+        # `size` is derived from `tile_size` (see the property); a saved or passed one must agree with it.
+        size = kwargs.pop("size", None)
         super().__init__(**kwargs)
         self.image_mode = image_mode
         self.max_slices = max_slices
@@ -445,6 +464,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         self.thumbnail_from = thumbnail_from
         self.box_reduce_large_images = box_reduce_large_images
         self._check_settings(image_mode, max_slices, tile_size, thumbnail_from, box_reduce_large_images)
+        _check_size(size, tile_size)
 
     @classmethod
     def from_vision_config(cls, vision_config: Any, **kwargs) -> "TokenPackerImageProcessor":
@@ -471,10 +491,20 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         """(rows, cols) of the slice-mode grid for a `height`×`width` image with this processor's settings."""
         return get_slice_grid(height, width, max_slices=self.max_slices, tile_size=self.tile_size)
 
-    def get_image_grid(self, height: int, width: int, image_mode: str | None = None) -> tuple[int, int]:
-        """(rows, cols) the processor gives a `height`×`width` image: the slice grid, or (1, 1) otherwise."""
+    def get_image_grid(
+        self,
+        height: int,
+        width: int,
+        image_mode: str | None = None,
+        max_slices: int | None = None,
+        tile_size: int | None = None,
+    ) -> tuple[int, int]:
+        """(rows, cols) the processor gives a `height`×`width` image: the slice grid, or (1, 1) otherwise; the
+        optional arguments override the settings as in a call."""
         if (image_mode or self.image_mode) == "slice":
-            return self.get_slice_grid(height, width)
+            return get_slice_grid(
+                height, width, max_slices=max_slices or self.max_slices, tile_size=tile_size or self.tile_size
+            )
         if height < 1 or width < 1:
             raise ValueError(f"image size must be at least 1x1, got height={height}, width={width}")
         return (1, 1)
@@ -487,6 +517,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         tile_size: int | None = None,
         thumbnail_from: str | None = None,
         box_reduce_large_images: bool | None = None,
+        size: dict[str, int] | None = None,
         return_tensors: str | None = "pt",
         **kwargs,
     ) -> BatchFeature:
@@ -496,6 +527,8 @@ class TokenPackerImageProcessor(BaseImageProcessor):
             images: one image or a (possibly nested, one list per prompt) list of images; see [`to_rgb_image`].
             image_mode, max_slices, tile_size, thumbnail_from, box_reduce_large_images: override the instance
                 settings for this call.
+            size: only checked: it must be `{"height": S, "width": S}` for this call's tile size S (a processor
+                passes the `size` of its images kwargs along); set `tile_size` to change the tiles' size.
 
         Returns:
             `BatchFeature` with `pixel_values` `[total_tiles, 3, S, S]` float32 and `image_grids`
@@ -508,6 +541,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         if box_reduce_large_images is None:
             box_reduce_large_images = self.box_reduce_large_images
         self._check_settings(image_mode, max_slices, tile_size, thumbnail_from, box_reduce_large_images)
+        _check_size(size, tile_size)
         if return_tensors not in (None, "pt"):
             raise ValueError(f"return_tensors must be 'pt' or None (tiles are torch tensors), got {return_tensors!r}")
 
@@ -706,6 +740,19 @@ def _bicubic_resize_padded(
             block, (last - first, size[1]), resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST
         )
     return resize(rows, size, resample=PILImageResampling.BICUBIC, input_data_format=ChannelDimension.LAST)
+
+
+def _check_size(size: Any, tile_size: int) -> None:
+    """Raises unless `size` is None or `{"height": tile_size, "width": tile_size}`: every tile is resized to the
+    tile size, so another `size` could only be ignored."""
+    if size is None:
+        return
+    expected = {"height": tile_size, "width": tile_size}
+    if not isinstance(size, dict) or dict(size) != expected:
+        raise ValueError(
+            f"size must be {expected} (tiles are tile_size × tile_size), got {size!r}; set tile_size to change the "
+            f"tiles' size"
+        )
 
 
 def flatten_images(images: Any) -> list[Any]:

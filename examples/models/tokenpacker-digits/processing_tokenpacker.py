@@ -104,7 +104,9 @@ class TokenPackerProcessor(ProcessorMixin):
             TokenPacker-HD models saw. An int is used as the id itself.
 
     Calling it returns `input_ids`, `attention_mask` (from real padding only: the separator can equal the pad
-    id), and with images `pixel_values` `[total_tiles, 3, S, S]` and `image_grids` `[num_images, 2]`.
+    id), and with images `pixel_values` `[total_tiles, 3, S, S]` and `image_grids` `[num_images, 2]`. On request
+    it also returns `text_replacement_offsets` and `offset_mapping`, what serving engines (vLLM's Transformers
+    backend) and `apply_chat_template(..., return_assistant_tokens_mask=True)` read (see `__call__`).
     """
 
     valid_processor_kwargs = TokenPackerProcessorKwargs
@@ -235,11 +237,20 @@ class TokenPackerProcessor(ProcessorMixin):
             text: a prompt or a list of prompts, with one `image_token` per image.
             padding, padding_side, truncation, max_length, pad_to_multiple_of, return_tensors, ...: as for
                 tokenizers. Padding happens after expansion; truncation never cuts an image's tokens.
+            return_text_replacement_offsets: also return, per prompt, one dict per image as transformers'
+                `get_text_with_replacements` gives them: `type` "image", `span` of its `<image>` in the prompt,
+                `new_span` in the expanded text (each `<image>` replaced by its `replacement`), `text` and
+                `replacement`, the layout written as text that the tokenizer encodes back to exactly the
+                layout's ids (raises if it cannot). `image_grids` then comes as a list of `[2]` tensors, one
+                entry per image, since engines split tensor fields into per-image items by tiles.
+            return_offsets_mapping: also return `offset_mapping`, per token its `(start, end)` in the expanded
+                text ((0, 0) at padding, empty for added tokens); needs a fast tokenizer.
 
         Returns:
             `BatchFeature` with `input_ids` and `attention_mask` (lists, or `[batch, seq]` with
             `return_tensors="pt"`), plus `pixel_values` `[total_tiles, 3, S, S]` and `image_grids`
-            `[num_images, 2]` when images are given.
+            `[num_images, 2]` when images are given, and `text_replacement_offsets` / `offset_mapping`
+            `[batch, seq, 2]` when asked for.
         """
         if text is None:
             raise ValueError("expected a prompt (text) with one image token per image, got text=None")
@@ -254,49 +265,143 @@ class TokenPackerProcessor(ProcessorMixin):
         text_kwargs = output_kwargs["text_kwargs"]
         images_kwargs = output_kwargs["images_kwargs"]
         return_tensors = text_kwargs.pop("return_tensors", None)
+        # transformers 5.23/5.24 keep this flag at the top level and mirror it into text_kwargs (as ProcessorMixin
+        # reads it).
+        return_replacements = bool(
+            text_kwargs.pop("return_text_replacement_offsets", output_kwargs.get("return_text_replacement_offsets"))
+        )
+        return_offsets = bool(text_kwargs.get("return_offsets_mapping"))
+        if return_offsets and not self.tokenizer.is_fast:
+            raise ValueError(
+                f"return_offsets_mapping needs character offsets, i.e. a fast tokenizer; got "
+                f"{type(self.tokenizer).__name__}"
+            )
 
         add_special_tokens = text_kwargs.get("add_special_tokens", True)
-        tokenized = [self.encode_prompt(prompt, add_special_tokens)[0] for prompt in texts]
-        empty = [index for index, ids in enumerate(tokenized) if not ids]
+        encoded = [self.encode_prompt(prompt, add_special_tokens) for prompt in texts]
+        empty = [index for index, (ids, _) in enumerate(encoded) if not ids]
         if empty:
             raise ValueError(f"expected prompts that give at least one token, but prompts {empty} give none")
         image_token_id = self.image_token_id
-        images_per_prompt = [ids.count(image_token_id) for ids in tokenized]
+        images_per_prompt = [ids.count(image_token_id) for ids, _ in encoded]
         image_list = self._check_image_counts(images, images_per_prompt)
 
-        data: dict[str, Any] = {}
+        image_inputs: dict[str, Any] = {}
         grids: list[tuple[int, int]] = []
         if image_list:
-            image_inputs = self.image_processor(image_list, **{**images_kwargs, "return_tensors": "pt"})
-            data.update(image_inputs)
+            image_inputs = dict(self.image_processor(image_list, **{**images_kwargs, "return_tensors": "pt"}))
             grids = [tuple(grid) for grid in image_inputs["image_grids"].tolist()]
         image_mode = images_kwargs.get("image_mode") or self.image_mode
+        # Only the offsets need the layouts as text; each distinct grid is written (and checked) once.
+        replacements = (
+            {grid: self._image_replacement(grid, image_mode) for grid in set(grids)}
+            if return_replacements or return_offsets
+            else {}
+        )
 
-        sequences, image_spans = [], []
+        sequences, image_spans, token_offsets, replacement_offsets = [], [], [], []
         grid_iter = iter(grids)
-        for ids in tokenized:
-            sequence, spans = [], []
-            for token_id in ids:
-                if token_id == image_token_id:
-                    layout = self.image_token_layout(next(grid_iter), image_mode)
-                    spans.append((len(sequence), len(sequence) + len(layout)))
-                    sequence.extend(layout)
-                else:
+        for prompt, (ids, offsets) in zip(texts, encoded):
+            placeholders = iter(self._placeholder_spans(prompt))
+            sequence, spans, positions, entries = [], [], [], []
+            gained = 0  # characters the replacements so far add to the prompt: the shift into the expanded text
+            for index, token_id in enumerate(ids):
+                if token_id != image_token_id:
                     sequence.append(token_id)
+                    if return_offsets:
+                        begin, end = offsets[index]
+                        positions.append((begin + gained, end + gained))
+                    continue
+                grid = next(grid_iter)
+                layout = self.image_token_layout(grid, image_mode)
+                spans.append((len(sequence), len(sequence) + len(layout)))
+                sequence.extend(layout)
+                if replacements:
+                    replacement, piece_spans = replacements[grid]
+                    begin, end = next(placeholders)
+                    new_begin = begin + gained
+                    entries.append({
+                        "type": "image",
+                        "span": (begin, end),
+                        "new_span": (new_begin, new_begin + len(replacement)),
+                        "text": self.image_token,
+                        "replacement": replacement,
+                    })  # fmt: skip
+                    if return_offsets:
+                        positions.extend((new_begin + piece_begin, new_begin + piece_end)
+                                         for piece_begin, piece_end in piece_spans)  # fmt: skip
+                    gained += len(replacement) - (end - begin)
             sequences.append(sequence)
             image_spans.append(spans)
+            token_offsets.append(positions)
+            replacement_offsets.append(entries)
 
         if text_kwargs.get("truncation") not in (None, False, "do_not_truncate"):
-            sequences = self._truncate(sequences, image_spans, text_kwargs.get("max_length"))
-        input_ids, attention_mask = self._pad(sequences, text_kwargs)
+            windows = self._truncation_windows(sequences, image_spans, text_kwargs.get("max_length"))
+            # Offsets keep pointing into the whole expanded text; truncation never cuts an image, so every
+            # replacement entry stays valid.
+            sequences = [sequence[window] for sequence, window in zip(sequences, windows)]
+            token_offsets = [positions[window] for positions, window in zip(token_offsets, windows)]
+        input_ids, attention_mask, offset_mapping = self._pad(sequences, text_kwargs, token_offsets)
         if return_tensors is not None and len({len(ids) for ids in input_ids}) > 1:
             raise ValueError(
                 f"prompts expand to different lengths {[len(ids) for ids in input_ids]}; pass padding=True to "
                 f"return tensors"
             )
-        return BatchFeature(
-            data={"input_ids": input_ids, "attention_mask": attention_mask, **data}, tensor_type=return_tensors
-        )
+        data: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if return_offsets:
+            data["offset_mapping"] = offset_mapping
+        if return_replacements:
+            data["text_replacement_offsets"] = replacement_offsets
+        data.update(image_inputs)
+        skip_tensor_conversion = list(self.skip_tensor_conversion)
+        if return_replacements and image_inputs:
+            # Serving engines (vLLM's Transformers backend) split every tensor field into per-image items by rows
+            # per image's tiles, right for `pixel_values [tiles, ...]` but not for the one row per image of
+            # `image_grids`; a list is taken as one entry per image. Engines ask for replacement offsets, so
+            # that is when the grids come as a list; the model accepts both forms.
+            data["image_grids"] = list(image_inputs["image_grids"].unbind(0))
+            skip_tensor_conversion.append("image_grids")
+        return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip_tensor_conversion)
+
+    def _image_replacement(self, grid: tuple[int, int], image_mode: str) -> tuple[str, list[tuple[int, int]]]:
+        """The text that stands for one image's layout (`image_token_layout(grid, image_mode)`) in
+        `text_replacement_offsets`, and each layout id's character span in it.
+
+        Serving engines (vLLM's Transformers backend) encode this text alone with
+        `tokenizer.encode(text, add_special_tokens=False)` and put the ids they get into the prompt, so it must
+        give back exactly the layout. Each id is written as the tokenizer decodes it alone (`<image>`, `,`, and
+        `<unk>` for the LLaMA vocabulary's row separator), and the round trip is checked: a tokenizer that
+        encodes the text otherwise (a SentencePiece one with `legacy=True` reads `,` after `<image>` as `▁,`)
+        raises, rather than describe ids the model was never given.
+        """
+        layout = self.image_token_layout(grid, image_mode)
+        image_token_id = self.image_token_id
+        pieces = {
+            token_id: self.image_token if token_id == image_token_id else self.tokenizer.decode([token_id])
+            for token_id in set(layout)
+        }
+        ends = list(itertools.accumulate(len(pieces[token_id]) for token_id in layout))
+        text = "".join(pieces[token_id] for token_id in layout)
+        encoded = self.tokenizer.encode(text, add_special_tokens=False)
+        if encoded != layout:
+            position = next((i for i, pair in enumerate(zip(encoded, layout)) if pair[0] != pair[1]),
+                            min(len(encoded), len(layout)))  # fmt: skip
+            found = self.tokenizer.convert_ids_to_tokens(encoded[position : position + 1]) or ["nothing"]
+            expected = self.tokenizer.convert_ids_to_tokens(layout[position : position + 1]) or ["nothing"]
+            raise ValueError(
+                f"cannot write the {image_mode}-mode layout of a {grid[0]}x{grid[1]} grid as text: the tokenizer "
+                f"encodes its text back to {len(encoded)} ids instead of {len(layout)}, with {found[0]!r} instead "
+                f"of {expected[0]!r} at position {position}; text_replacement_offsets (what vLLM serves from) "
+                f"would describe ids the model never sees. Use separators that the tokenizer encodes alone "
+                f"(special tokens), or a SentencePiece tokenizer with legacy=False"
+            )
+        return text, [(end - len(pieces[token_id]), end) for token_id, end in zip(layout, ends)]
+
+    def _placeholder_spans(self, prompt: str) -> list[tuple[int, int]]:
+        """Character span of each `image_token` in `prompt`, found as `encode_prompt` splits the prompt."""
+        ends = itertools.accumulate(len(chunk) + len(self.image_token) for chunk in prompt.split(self.image_token)[:-1])
+        return [(end - len(self.image_token), end) for end in ends]
 
     def encode_prompt(
         self, prompt: str, add_special_tokens: bool = True
@@ -477,18 +582,18 @@ class TokenPackerProcessor(ProcessorMixin):
             )
         return image_list
 
-    def _truncate(
+    def _truncation_windows(
         self, sequences: list[list[int]], image_spans: list[list[tuple[int, int]]], max_length: int | None
-    ) -> list[list[int]]:
-        """Sequences cut to `max_length` on the tokenizer's truncation side; raises rather than cutting into
-        (or dropping) an image's tokens."""
+    ) -> list[slice]:
+        """The part of each sequence kept by truncation to `max_length` on the tokenizer's truncation side; raises
+        rather than cutting into (or dropping) an image's tokens."""
         if max_length is None:
             max_length = self.tokenizer.model_max_length
         left = self.tokenizer.truncation_side == "left"
-        truncated = []
+        windows = []
         for index, (sequence, spans) in enumerate(zip(sequences, image_spans)):
             if len(sequence) <= max_length:
-                truncated.append(sequence)
+                windows.append(slice(None))
                 continue
             if spans:
                 # Shortest length that keeps every image whole: from the first image's start (left truncation)
@@ -500,11 +605,14 @@ class TokenPackerProcessor(ProcessorMixin):
                         f"needs at least {needed} tokens to keep its {len(spans)} image(s) whole "
                         f"({len(sequence)} tokens in all); raise max_length or use fewer/smaller images"
                     )
-            truncated.append(sequence[-max_length:] if left else sequence[:max_length])
-        return truncated
+            windows.append(slice(-max_length, None) if left else slice(None, max_length))
+        return windows
 
-    def _pad(self, sequences: list[list[int]], text_kwargs: dict) -> tuple[list[list[int]], list[list[int]]]:
-        """Pads after expansion; the attention mask marks real tokens, never derived from token ids."""
+    def _pad(
+        self, sequences: list[list[int]], text_kwargs: dict, offsets: list[list[tuple[int, int]]]
+    ) -> tuple[list[list[int]], list[list[int]], list[list[tuple[int, int]]]]:
+        """Pads after expansion: ids, the attention mask (marking real tokens, never derived from token ids) and
+        the per-token character `offsets`, which get (0, 0) at padding as a tokenizer's do."""
         padding = text_kwargs.get("padding", False)
         max_length = text_kwargs.get("max_length")
         multiple = text_kwargs.get("pad_to_multiple_of")
@@ -515,34 +623,44 @@ class TokenPackerProcessor(ProcessorMixin):
         elif padding == "max_length":
             target = max_length if max_length is not None else self.tokenizer.model_max_length
         else:
-            return [list(sequence) for sequence in sequences], [[1] * len(sequence) for sequence in sequences]
-        if multiple:
+            target = 0
+        if target and multiple:
             target = -(-target // multiple) * multiple
         pad_id = self.tokenizer.pad_token_id
         if pad_id is None and any(len(sequence) < target for sequence in sequences):
             raise ValueError("padding needs tokenizer.pad_token_id, but the tokenizer has no pad token")
-        input_ids, attention_mask = [], []
-        for sequence in sequences:
+        input_ids, attention_mask, offset_mapping = [], [], []
+        for sequence, positions in zip(sequences, offsets):
             pad = max(0, target - len(sequence))
             if side == "left":
                 input_ids.append([pad_id] * pad + sequence)
                 attention_mask.append([0] * pad + [1] * len(sequence))
+                offset_mapping.append([(0, 0)] * pad + positions)
             else:
                 input_ids.append(sequence + [pad_id] * pad)
                 attention_mask.append([1] * len(sequence) + [0] * pad)
-        return input_ids, attention_mask
+                offset_mapping.append(positions + [(0, 0)] * pad)
+        return input_ids, attention_mask, offset_mapping
 
     def _get_num_multimodal_tokens(self, image_sizes: list[tuple[int, int]] | None = None, **kwargs) -> MultiModalData:
         """Per image (height, width): the positions its `<image>` expands to and the tiles it yields, without
-        running the image processor on pixels.
+        running the image processor on pixels. `image_mode`, `max_slices` and `tile_size` in `kwargs` (flat or
+        in an `images_kwargs` dict) override the image processor's settings as they do in a call.
 
         Returns:
             `MultiModalData(num_image_tokens=[...], num_image_patches=[...])`.
         """
         if image_sizes is None:
             return MultiModalData()
-        image_mode = kwargs.get("image_mode") or self.image_mode
-        grids = [self.image_processor.get_image_grid(height, width, image_mode) for height, width in image_sizes]
+        # The image options a call takes, flat or under `images_kwargs`, decide the grids: vLLM passes its
+        # `mm_processor_kwargs` here as they are given.
+        options = {**kwargs, **(kwargs.get("images_kwargs") or {})}
+        image_mode = options.get("image_mode") or self.image_mode
+        grid_options = {key: options.get(key) for key in ("max_slices", "tile_size")}
+        grids = [
+            self.image_processor.get_image_grid(height, width, image_mode, **grid_options)
+            for height, width in image_sizes
+        ]
         return MultiModalData(
             num_image_tokens=[count_image_tokens(*grid, self.num_image_tokens, image_mode) for grid in grids],
             num_image_patches=[num_tiles(grid) for grid in grids],
