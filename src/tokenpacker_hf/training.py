@@ -15,6 +15,7 @@ user text is never supervised.
 
 from __future__ import annotations
 
+import bisect
 import json
 import logging
 import os
@@ -122,19 +123,24 @@ def token_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: li
     return labels
 
 
-def expand_image_labels(
-    processor: Any, input_ids: list[int], labels: list[int], grids: list[tuple[int, int]]
-) -> tuple[list[int], int]:
-    """Labels of the tokenised text -> labels of the processor's sequence, where each `<image>` id became its
-    token layout (all -100). Also returns where the last image's tokens end (0 without images)."""
-    expanded, image_end, grid_iter, image_token_id = [], 0, iter(grids), processor.image_token_id
-    for token_id, label in zip(input_ids, labels):
-        if token_id == image_token_id:
-            expanded += [IGNORE_INDEX] * len(processor.image_token_layout(next(grid_iter)))
-            image_end = len(expanded)
-        else:
-            expanded.append(label)
-    return expanded, image_end
+def expanded_spans(spans: list[tuple[int, int]], replacements: list[dict[str, Any]]) -> list[tuple[int, int]]:
+    """Character spans of a prompt moved into the text where each `<image>` is written as its token layout
+    (the processor's `text_replacement_offsets` for that prompt: `span` before, `new_span` after)."""
+    placeholder_ends = [entry["span"][1] for entry in replacements]
+    gained = [0] + [entry["new_span"][1] - entry["span"][1] for entry in replacements]
+    return [
+        tuple(char + gained[bisect.bisect_right(placeholder_ends, char)] for char in span)  # type: ignore[misc]
+        for span in spans
+    ]
+
+
+def image_tokens_end(offsets: list[tuple[int, int]], replacements: list[dict[str, Any]]) -> int:
+    """Position after the last image's last token (separators included; 0 without images): a sequence cut before
+    it would lose part of an image."""
+    if not replacements:
+        return 0
+    last_start, last_end = replacements[-1]["new_span"]
+    return 1 + max(index for index, (begin, end) in enumerate(offsets) if last_start <= begin and end <= last_end)
 
 
 def encode_conversation(
@@ -146,40 +152,37 @@ def encode_conversation(
     images `pixel_values [tiles, 3, S, S]` and `image_grids [num_images, 2]`, plus `truncated` (bool).
     A sequence over `max_length` (default `tokenizer.model_max_length`) loses text from its end only; it is
     skipped (`SkipSample`) if that would cut an image's tokens or leave no answer token.
+
+    The conversation is tokenised once: the processor's character offsets (in the text with each image written
+    out) place the supervised spans on the expanded ids, as transformers' assistant masks do for TRL.
     """
     tokenizer = processor.tokenizer
     if not tokenizer.is_fast:
         raise ValueError(f"label masking needs character offsets, i.e. a fast tokenizer; got {type(tokenizer).__name__}")
     text, spans = supervised_char_spans(processor, messages)
-    text_ids, offsets = processor.encode_prompt(text)
-    labels = token_labels(text_ids, offsets, spans)
-
-    features = processor(images=images or None, text=text, return_tensors="pt")
-    input_ids = features["input_ids"][0]
-    grids = [tuple(grid) for grid in features["image_grids"].tolist()] if images else []
-    expanded, image_end = expand_image_labels(processor, text_ids, labels, grids)
-    if len(expanded) != len(input_ids):
-        raise RuntimeError(
-            f"labels ({len(expanded)}) and the processor's input_ids ({len(input_ids)}) disagree in length; the "
-            "processor expands <image> differently from `image_token_layout`"
-        )
-    labels_tensor = torch.tensor(expanded, dtype=torch.long)
+    features = processor(
+        images=images or None, text=text, return_offsets_mapping=True, return_text_replacement_offsets=True
+    )
+    ids, offsets, replacements = (features[key][0] for key in ("input_ids", "offset_mapping", "text_replacement_offsets"))
+    input_ids = torch.tensor(ids, dtype=torch.long)
+    labels = torch.tensor(token_labels(ids, offsets, expanded_spans(spans, replacements)), dtype=torch.long)
 
     max_length = max_length or tokenizer.model_max_length
     truncated = len(input_ids) > max_length
     if truncated:
+        image_end = image_tokens_end(offsets, replacements)
         if image_end > max_length:
             raise SkipSample(
                 "image_tokens_exceed_max_length",
                 f"the image tokens end at position {image_end}, beyond max_length={max_length}",
             )
-        input_ids, labels_tensor = input_ids[:max_length], labels_tensor[:max_length]
-    if not (labels_tensor != IGNORE_INDEX).any():
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    if not (labels != IGNORE_INDEX).any():
         raise SkipSample("no_answer_tokens", f"no answer token within max_length={max_length}")
-    example = {"input_ids": input_ids, "labels": labels_tensor, "truncated": truncated}
+    example = {"input_ids": input_ids, "labels": labels, "truncated": truncated}
     if images:
         example["pixel_values"] = features["pixel_values"]
-        example["image_grids"] = features["image_grids"]
+        example["image_grids"] = torch.stack(features["image_grids"])  # one per image with replacement offsets
     return example
 
 

@@ -241,8 +241,10 @@ class TokenPackerProcessor(ProcessorMixin):
                 `get_text_with_replacements` gives them: `type` "image", `span` of its `<image>` in the prompt,
                 `new_span` in the expanded text (each `<image>` replaced by its `replacement`), `text` and
                 `replacement`, the layout written as text that the tokenizer encodes back to exactly the
-                layout's ids (raises if it cannot). `image_grids` then comes as a list of `[2]` tensors, one
-                entry per image, since engines split tensor fields into per-image items by tiles.
+                layout's ids (raises if it cannot, unless offsets are asked for too: transformers' assistant
+                masks read the replacements only as character spans). `image_grids` then comes as a list of
+                `[2]` tensors, one entry per image, since engines split tensor fields into per-image items by
+                tiles.
             return_offsets_mapping: also return `offset_mapping`, per token its `(start, end)` in the expanded
                 text ((0, 0) at padding, empty for added tokens); needs a fast tokenizer.
 
@@ -292,9 +294,10 @@ class TokenPackerProcessor(ProcessorMixin):
             image_inputs = dict(self.image_processor(image_list, **{**images_kwargs, "return_tensors": "pt"}))
             grids = [tuple(grid) for grid in image_inputs["image_grids"].tolist()]
         image_mode = images_kwargs.get("image_mode") or self.image_mode
-        # Only the offsets need the layouts as text; each distinct grid is written (and checked) once.
+        # Only the offsets need the layouts as text; each distinct grid is written (and checked) once. Engines
+        # (vLLM) re-encode the replacement texts and ask for no offsets; with offsets the texts only place spans.
         replacements = (
-            {grid: self._image_replacement(grid, image_mode) for grid in set(grids)}
+            {grid: self._image_replacement(grid, image_mode, check=not return_offsets) for grid in set(grids)}
             if return_replacements or return_offsets
             else {}
         )
@@ -364,16 +367,19 @@ class TokenPackerProcessor(ProcessorMixin):
             skip_tensor_conversion.append("image_grids")
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion=skip_tensor_conversion)
 
-    def _image_replacement(self, grid: tuple[int, int], image_mode: str) -> tuple[str, list[tuple[int, int]]]:
+    def _image_replacement(
+        self, grid: tuple[int, int], image_mode: str, check: bool = True
+    ) -> tuple[str, list[tuple[int, int]]]:
         """The text that stands for one image's layout (`image_token_layout(grid, image_mode)`) in
         `text_replacement_offsets`, and each layout id's character span in it.
 
         Serving engines (vLLM's Transformers backend) encode this text alone with
         `tokenizer.encode(text, add_special_tokens=False)` and put the ids they get into the prompt, so it must
         give back exactly the layout. Each id is written as the tokenizer decodes it alone (`<image>`, `,`, and
-        `<unk>` for the LLaMA vocabulary's row separator), and the round trip is checked: a tokenizer that
-        encodes the text otherwise (a SentencePiece one with `legacy=True` reads `,` after `<image>` as `▁,`)
-        raises, rather than describe ids the model was never given.
+        `<unk>` for the LLaMA vocabulary's row separator), and with `check` the round trip is checked: a tokenizer
+        that encodes the text otherwise (a SentencePiece one with `legacy=True` reads `,` after `<image>` as `▁,`)
+        raises, rather than describe ids the model was never given. Without `check` the text only gives
+        character positions (offsets for assistant masks), which need no round trip.
         """
         layout = self.image_token_layout(grid, image_mode)
         image_token_id = self.image_token_id
@@ -383,7 +389,7 @@ class TokenPackerProcessor(ProcessorMixin):
         }
         ends = list(itertools.accumulate(len(pieces[token_id]) for token_id in layout))
         text = "".join(pieces[token_id] for token_id in layout)
-        encoded = self.tokenizer.encode(text, add_special_tokens=False)
+        encoded = self.tokenizer.encode(text, add_special_tokens=False) if check else layout
         if encoded != layout:
             position = next((i for i, pair in enumerate(zip(encoded, layout)) if pair[0] != pair[1]),
                             min(len(encoded), len(layout)))  # fmt: skip
