@@ -212,6 +212,33 @@ def test_collator_pads_and_orders_pixels_by_batch(tmp_path):
     assert "pixel_values" not in TokenPackerCollator(dataset.processor)([dataset[4]])
 
 
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_collator_masks_by_length_when_the_row_separator_is_the_pad_id(side):
+    processor = TokenPackerProcessor.from_config(
+        tiny_config(), tokenizer=make_tokenizer(padding_side="right"), row_separator=0
+    )
+    processor.image_processor.image_mode = "slice"
+    pad_id = processor.tokenizer.pad_token_id
+    assert processor.separator_ids[1] == pad_id
+    image_turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Wide."}]
+    text_turns = [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hello."}]
+    examples = [
+        encode_conversation(processor, llava_to_messages(image_turns), [Image.new("RGB", (48, 16), (9, 9, 9))]),
+        encode_conversation(processor, llava_to_messages(text_turns), []),
+    ]
+    batch = TokenPackerCollator(processor, padding_side=side)(examples)
+    width = batch["input_ids"].shape[1]
+    for row, example in enumerate(examples):
+        length = len(example["input_ids"])
+        real = slice(width - length, width) if side == "left" else slice(0, length)
+        mask = [0] * (width - length) + [1] * length if side == "left" else [1] * length + [0] * (width - length)
+        assert batch["attention_mask"][row].tolist() == mask
+        assert batch["input_ids"][row, real].tolist() == example["input_ids"].tolist()
+        assert batch["labels"][row, real].tolist() == example["labels"].tolist()
+    separators = (batch["input_ids"][0] == pad_id) & (batch["attention_mask"][0] == 1)
+    assert separators.sum() == 2  # the grid row's and the thumbnail's row separators stay visible
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Trainer presets
 

@@ -30,6 +30,7 @@ from PIL import Image
 from torch import nn
 
 from .image_processing_tokenpacker import to_rgb_image
+from .processing_tokenpacker import pad_expanded, pad_row
 
 logger = logging.getLogger(__name__)
 
@@ -379,23 +380,18 @@ class TokenPackerCollator:
     def __call__(self, examples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {self.padding_side!r}")
-        pad_id = self.processor.tokenizer.pad_token_id
-        if pad_id is None:
+        if self.processor.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (the original uses unk)")
-        length = max(len(example["input_ids"]) for example in examples)
-        if self.pad_to_multiple_of:
-            length = -(-length // self.pad_to_multiple_of) * self.pad_to_multiple_of
-        batch = {
-            "input_ids": torch.full((len(examples), length), pad_id, dtype=torch.long),
-            "attention_mask": torch.zeros((len(examples), length), dtype=torch.long),
-            "labels": torch.full((len(examples), length), IGNORE_INDEX, dtype=torch.long),
-        }
-        for row, example in enumerate(examples):
-            size = len(example["input_ids"])
-            columns = slice(length - size, length) if self.padding_side == "left" else slice(0, size)
-            batch["input_ids"][row, columns] = torch.as_tensor(example["input_ids"])
-            batch["attention_mask"][row, columns] = 1
-            batch["labels"][row, columns] = torch.as_tensor(example["labels"])
+        sequences = [torch.as_tensor(example["input_ids"]).tolist() for example in examples]
+        batch = dict(pad_expanded(
+            self.processor.tokenizer, sequences, pad_to_multiple_of=self.pad_to_multiple_of,
+            padding_side=self.padding_side, return_tensors="pt",
+        ))  # fmt: skip
+        length = batch["input_ids"].shape[1]
+        batch["labels"] = torch.tensor([
+            pad_row(torch.as_tensor(example["labels"]).tolist(), length - len(sequence), IGNORE_INDEX, self.padding_side)
+            for example, sequence in zip(examples, sequences)
+        ])  # fmt: skip
         with_images = [example for example in examples if "pixel_values" in example]
         if with_images:
             batch["pixel_values"] = torch.cat([example["pixel_values"] for example in with_images])

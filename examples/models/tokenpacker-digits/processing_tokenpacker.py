@@ -87,6 +87,34 @@ def count_image_tokens(rows: int, cols: int, tokens_per_tile: int, image_mode: s
     return num_tiles((rows, cols)) * (tokens_per_tile + 1)
 
 
+def pad_expanded(
+    tokenizer: Any,
+    sequences: list[list[int]],
+    padding: bool | str = True,
+    max_length: int | None = None,
+    pad_to_multiple_of: int | None = None,
+    padding_side: str | None = None,
+    return_tensors: str | None = None,
+) -> Any:
+    """Expanded id sequences padded by the tokenizer's own `pad`, with the attention mask built from their lengths:
+    a mask derived from ids would hide the slice-mode row separator wherever it equals the pad id (`<unk>` with the
+    LLaMA vocabulary), so `pad` is handed a mask of ones and only extends it with zeros.
+
+    Returns:
+        `BatchEncoding` with `input_ids` and `attention_mask` (`[batch, length]` lists, or tensors).
+    """
+    return tokenizer.pad(
+        {"input_ids": sequences, "attention_mask": [[1] * len(sequence) for sequence in sequences]},
+        padding=padding, max_length=max_length, pad_to_multiple_of=pad_to_multiple_of, padding_side=padding_side,
+        return_tensors=return_tensors,
+    )  # fmt: skip
+
+
+def pad_row(row: list, count: int, value: Any, side: str) -> list:
+    """`row` with `count` copies of `value` on `side` ("left" or "right")."""
+    return [value] * count + row if side == "left" else row + [value] * count
+
+
 class TokenPackerProcessor(ProcessorMixin):
     r"""
     Wraps a tokenizer and a [`TokenPackerImageProcessor`] into a single processor.
@@ -617,36 +645,19 @@ class TokenPackerProcessor(ProcessorMixin):
     def _pad(
         self, sequences: list[list[int]], text_kwargs: dict, offsets: list[list[tuple[int, int]]]
     ) -> tuple[list[list[int]], list[list[int]], list[list[tuple[int, int]]]]:
-        """Pads after expansion: ids, the attention mask (marking real tokens, never derived from token ids) and
-        the per-token character `offsets`, which get (0, 0) at padding as a tokenizer's do."""
-        padding = text_kwargs.get("padding", False)
-        max_length = text_kwargs.get("max_length")
-        multiple = text_kwargs.get("pad_to_multiple_of")
+        """Pads after expansion with `pad_expanded`, and the per-token character `offsets` to the same lengths
+        with (0, 0) as a tokenizer's are."""
         side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
-        longest = max((len(sequence) for sequence in sequences), default=0)
-        if padding in (True, "longest"):
-            target = longest
-        elif padding == "max_length":
-            target = max_length if max_length is not None else self.tokenizer.model_max_length
-        else:
-            target = 0
-        if target and multiple:
-            target = -(-target // multiple) * multiple
-        pad_id = self.tokenizer.pad_token_id
-        if pad_id is None and any(len(sequence) < target for sequence in sequences):
-            raise ValueError("padding needs tokenizer.pad_token_id, but the tokenizer has no pad token")
-        input_ids, attention_mask, offset_mapping = [], [], []
-        for sequence, positions in zip(sequences, offsets):
-            pad = max(0, target - len(sequence))
-            if side == "left":
-                input_ids.append([pad_id] * pad + sequence)
-                attention_mask.append([0] * pad + [1] * len(sequence))
-                offset_mapping.append([(0, 0)] * pad + positions)
-            else:
-                input_ids.append(sequence + [pad_id] * pad)
-                attention_mask.append([1] * len(sequence) + [0] * pad)
-                offset_mapping.append(positions + [(0, 0)] * pad)
-        return input_ids, attention_mask, offset_mapping
+        padded = pad_expanded(
+            self.tokenizer, sequences, padding=text_kwargs.get("padding", False),
+            max_length=text_kwargs.get("max_length"), pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
+            padding_side=side,
+        )  # fmt: skip
+        offset_mapping = [
+            pad_row(positions, len(ids) - len(sequence), (0, 0), side)
+            for positions, ids, sequence in zip(offsets, padded["input_ids"], sequences)
+        ]
+        return padded["input_ids"], padded["attention_mask"], offset_mapping
 
     def _get_num_multimodal_tokens(self, image_sizes: list[tuple[int, int]] | None = None, **kwargs) -> MultiModalData:
         """Per image (height, width): the positions its `<image>` expands to and the tiles it yields, without
@@ -677,4 +688,4 @@ class TokenPackerProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_grids"]
 
 
-__all__ = ["TokenPackerProcessor", "count_image_tokens", "vicuna_v1_chat_template", "VICUNA_V1_SYSTEM"]
+__all__ = ["TokenPackerProcessor", "count_image_tokens", "pad_expanded", "pad_row", "vicuna_v1_chat_template", "VICUNA_V1_SYSTEM"]
