@@ -6,6 +6,8 @@ from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, S
 
 from tiny import IMAGE_TOKEN_ID, tiny_config, vision_config
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerModel
+from tokenpacker_hf.image_processing_tokenpacker import num_tiles
+from tokenpacker_hf.modeling_tokenpacker import tiles_per_image
 
 TOKENS = 4  # tiny_config: 4x4 patch grid, s=2
 
@@ -325,3 +327,10 @@ def test_frozen_tower_builds_no_graph_under_activation_checkpointing():
     assert decoder_calls == [2]
     assert counter.calls == [1, 1, 1, 0]
     assert model.model.multi_modal_projector.output_proj.fc2.weight.grad is not None
+
+
+def test_tiles_per_image_follows_the_image_processors_layout_rule():
+    """The model splits `pixel_values` per image with its own tensor version of the slice-mode rule; it must
+    agree with the image processor's (`num_tiles`) for every grid, 1×1 included."""
+    grids = [(rows, cols) for rows in range(1, 6) for cols in range(1, 6)]
+    assert tiles_per_image(torch.tensor(grids)) == [num_tiles(grid) for grid in grids]

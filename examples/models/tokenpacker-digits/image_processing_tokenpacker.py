@@ -653,7 +653,7 @@ class TokenPackerImageProcessor(BaseImageProcessor):
         canvas[:, :, : target[0], : target[1]] = self._bilinear_resize(source, target)
         tiles = canvas.view(3, rows, tile_size, cols, tile_size).permute(1, 3, 0, 2, 4)
         tiles = tiles.reshape(rows * cols, 3, tile_size, tile_size)
-        if rows * cols == 1:
+        if not has_thumbnail(grid):
             return tiles
         # The original resizes the padded canvas (not the image) into the image's thumbnail box: the global view
         # carries the padding band squashed into the image's aspect ratio, as in the original.
@@ -762,10 +762,19 @@ def flatten_images(images: Any) -> list[Any]:
     return [images]
 
 
-def num_tiles(grid: tuple[int, int]) -> int:
-    """Tiles one image contributes to `pixel_values`: rows·cols, plus the thumbnail when rows·cols > 1."""
+# The slice-mode layout rules live here; the processor's token layout and the model's tile split
+# (`tiles_per_image`, tested against `num_tiles`) follow them.
+def has_thumbnail(grid: tuple[int, int]) -> bool:
+    """Whether an image sliced into `grid` (rows, cols) also gets the global thumbnail: only when it has more
+    than one tile (a 1×1 grid's tile already is the whole image)."""
     rows, cols = grid
-    return 1 if rows * cols == 1 else rows * cols + 1
+    return rows * cols > 1
 
 
-__all__ = ["TokenPackerImageProcessor", "get_slice_grid", "num_tiles", "SLICE_GRIDS"]
+def num_tiles(grid: tuple[int, int]) -> int:
+    """Tiles one image contributes to `pixel_values`: rows·cols, plus the thumbnail (`has_thumbnail`)."""
+    rows, cols = grid
+    return rows * cols + int(has_thumbnail(grid))
+
+
+__all__ = ["TokenPackerImageProcessor", "get_slice_grid", "has_thumbnail", "num_tiles", "SLICE_GRIDS"]

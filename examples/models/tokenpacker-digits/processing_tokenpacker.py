@@ -27,6 +27,7 @@ from .image_processing_tokenpacker import (
     TokenPackerImageProcessor,
     TokenPackerImagesKwargs,
     flatten_images,
+    has_thumbnail,
     num_tiles,
 )
 
@@ -248,7 +249,7 @@ class TokenPackerProcessor(ProcessorMixin):
         rows, cols = grid
         row = (tile + [tile_separator]) * (cols - 1) + tile + [row_separator]
         layout = row * rows
-        if rows * cols > 1:
+        if has_thumbnail(grid):
             layout += tile + [row_separator]
         return layout
 
