@@ -15,7 +15,7 @@ from test_training import tiny_processor
 from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
-from tokenpacker_hf.training import push_to_hub
+from tokenpacker_hf.hub import push_to_hub
 
 BASES = ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"]
 

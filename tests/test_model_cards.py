@@ -20,7 +20,7 @@ from subprocess_utils import run_without_package
 
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.tiny import make_tokenizer, tiny_config
-from tokenpacker_hf.training import CardExample, model_card
+from tokenpacker_hf.hub import CardExample, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "models" / "tokenpacker-digits"
