@@ -4,28 +4,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, SiglipVisionConfig
 
+from builders import TOKENS, make_model, pixels, prompt
 from tiny import IMAGE_TOKEN_ID, tiny_config, vision_config
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerModel
-
-TOKENS = 4  # tiny_config: 4x4 patch grid, s=2
-
-
-def make_model(seed: int = 0, **config_overrides) -> TokenPackerForConditionalGeneration:
-    torch.manual_seed(seed)
-    return TokenPackerForConditionalGeneration(tiny_config(**config_overrides)).eval()
-
-
-def prompt(images: int = 1, tokens: int = TOKENS, text: tuple[int, ...] = (70, 71, 72)) -> list[int]:
-    """`<s> text <image>*tokens text ...` with one image block per image."""
-    ids = [1]
-    for _ in range(images):
-        ids += list(text) + [IMAGE_TOKEN_ID] * tokens
-    return ids + [73, 74]
-
-
-def pixels(tiles: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(tiles, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
 
 def count_runs(module: torch.nn.Module, calls: list[int], index: int = 0) -> None:
     """Counts runs of `module.forward` in `calls[index]`. Wrapping `forward` (not a hook on `__call__`) also

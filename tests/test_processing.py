@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from builders import PROMPT, make_processor, noise_image
 from subprocess_utils import run_without_package
 from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
@@ -18,19 +19,6 @@ from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerP
 
 T = 4  # tokens per tile of the tiny config (4×4 patch grid, s = 2)
 COMMA, NEWLINE = 16, 3  # convert_tokens_to_ids(",") and the <unk> fallback of convert_tokens_to_ids("\n")
-PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
-
-
-def make_processor(image_mode: str = "pad", padding_side: str = "left", **kwargs) -> TokenPackerProcessor:
-    image_processor = TokenPackerImageProcessor(image_mode=image_mode, tile_size=16, max_slices=9)
-    return TokenPackerProcessor.from_config(
-        tiny_config(), image_processor=image_processor, tokenizer=make_tokenizer(padding_side), **kwargs
-    )
-
-
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def text_ids(text: str) -> list[int]:
