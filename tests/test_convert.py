@@ -50,7 +50,7 @@ def ask(processor, image: Image.Image) -> dict:
 
 
 def expected_layout(image_id: int, tokens: int, grid: tuple[int, int], comma: int, newline: int, mode: str) -> list:
-    """Spec §3.5, written out: T image ids per tile; in slice mode `,` between the tiles of a row, `\\n` after
+    """The original's image token layout (README, "High resolution"), written out: T image ids per tile; in slice mode `,` between the tiles of a row, `\\n` after
     each row, then the thumbnail and `\\n` when there is more than one tile."""
     tile = [image_id] * tokens
     if mode != "slice":

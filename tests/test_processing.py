@@ -54,7 +54,8 @@ def test_pad_mode_replaces_the_placeholder_with_T_image_tokens():
 
 
 def test_slice_mode_layout_of_a_2x3_grid():
-    """Spec §3.5: `t0 , t1 , t2 NL t3 , t4 , t5 NL t6(global) NL`, separators as single ids."""
+    """The original's HD layout (README, "High resolution"): `t0 , t1 , t2 NL t3 , t4 , t5 NL t6(global) NL`,
+    separators as single ids."""
     processor = make_processor("slice")
     out = processor(images=noise_image(48, 32), text=PROMPT)
     assert out["image_grids"].tolist() == [[2, 3]]
@@ -87,7 +88,9 @@ def test_separators_never_merge_with_neighbouring_text():
 
 
 @pytest.mark.parametrize("rows, cols, expected", [(1, 1, 145), (2, 2, 725), (2, 3, 1015), (3, 3, 1450), (4, 4, 2465)])
-def test_token_count_table_of_the_spec(rows, cols, expected):
+def test_token_count_of_the_released_hd_models(rows, cols, expected):
+    """144 tokens per tile, each tile followed by one separator, plus the thumbnail and its separator when there is
+    more than one tile."""
     assert count_image_tokens(rows, cols, 144) == expected
     assert count_image_tokens(rows, cols, 144, image_mode="pad") == 144
 

@@ -162,7 +162,7 @@ def test_baseline_output_shapes(projector_type, cls, scale_factor, tokens):
 
 
 def test_fresh_model_initialises_the_projector_like_the_original():
-    """Spec §1.6: the original's `_init_weights` gives every Linear N(0, 0.02) and a zero bias, LayerNorms 1 and 0,
+    """The original's `_init_weights` gives every Linear N(0, 0.02) and a zero bias, LayerNorms 1 and 0,
     and `nn.MultiheadAttention` Xavier-initialises the stacked in-projection. The oracle's own init is the
     reference, parameter by parameter (the Xavier bound of E = 256 gives a std about twice 0.02)."""
     config = make_config(grid=8, vision_width=64, levels=2, width=256, heads=2, text_width=96)
