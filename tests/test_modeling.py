@@ -147,6 +147,27 @@ def test_tied_embeddings_are_not_saved_twice(tmp_path):
     torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
 
 
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_accessors_reach_the_language_model(tie):
+    """The models define no embedding accessors: transformers' fallbacks must find the LLM's table through
+    `language_model` (TokenPackerModel) and `model` (the LM head model), so that resizing grows the table the
+    forward uses and the LM head with it, tied or not."""
+    model = make_model(text={"tie_word_embeddings": tie})
+    table = model.model.language_model.embed_tokens
+    assert model.get_input_embeddings() is table and model.model.get_input_embeddings() is table
+    assert model.get_output_embeddings() is model.lm_head and model.model.get_output_embeddings() is None
+    vocab = table.num_embeddings
+    model.resize_token_embeddings(vocab + 3)
+    table = model.model.language_model.embed_tokens
+    assert model.get_input_embeddings() is table and table.num_embeddings == vocab + 3
+    assert model.lm_head.out_features == vocab + 3 == model.config.text_config.vocab_size
+    assert (model.lm_head.weight.data_ptr() == table.weight.data_ptr()) == tie
+    assert model(input_ids=torch.tensor([[1, vocab + 2]])).logits.shape[-1] == vocab + 3
+    replacement = torch.nn.Embedding(vocab + 3, table.embedding_dim)
+    model.set_input_embeddings(replacement)
+    assert model.model.language_model.embed_tokens is replacement
+
+
 def test_bfloat16_load_runs(tmp_path):
     make_model().save_pretrained(tmp_path)
     model = TokenPackerForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)

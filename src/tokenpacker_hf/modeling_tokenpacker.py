@@ -125,12 +125,6 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module):
-        self.language_model.set_input_embeddings(value)
-
     def _check_pixel_values(self, pixel_values: torch.Tensor):
         size = self.config.vision_config.image_size
         expected = (self.config.vision_config.num_channels, size, size)
@@ -344,15 +338,6 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             if len(processor.tokenizer) != config.text_config.vocab_size:
                 model.resize_token_embeddings(len(processor.tokenizer))
         return model.eval()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grids: torch.Tensor | None = None, **kwargs
