@@ -46,7 +46,8 @@ from transformers import (
 from transformers.utils import logging as transformers_logging
 
 # The package's own import registers the Auto classes, so the installed code is used for any folder loaded here.
-from . import TokenPackerForConditionalGeneration, TokenPackerProcessor, __version__
+from . import __version__
+from .compose import compose_pretrained
 from .convert_tokenpacker_original import convert_original_checkpoint, remove_stale_staging, staging_folder
 from .hub import ModelFiles, inherited_metadata, locate_repo, model_card, one_line
 from .image_processing_tokenpacker import to_rgb_image
@@ -438,14 +439,9 @@ def init(args: argparse.Namespace) -> str:
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
     parts = (args.vision_tower, args.language_model)
-    config = {"scale_factor": args.scale_factor}
-    if args.region_feature_layers:
-        config["region_feature_layers"] = args.region_feature_layers
-    processor = TokenPackerProcessor.from_vision_text_pretrained(
-        *parts, image_mode=args.image_mode, max_slices=args.max_slices, **config
-    )
-    model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
-        *parts, processor=processor, dtype=getattr(torch, args.dtype), **config
+    model, processor = compose_pretrained(
+        *parts, scale_factor=args.scale_factor, region_feature_layers=args.region_feature_layers,
+        image_mode=args.image_mode, max_slices=args.max_slices, dtype=getattr(torch, args.dtype),
     )
     license, datasets = inherited_metadata(parts)
     card = model_card(model.config, str(dst), image_processor=processor.image_processor, license=license,
