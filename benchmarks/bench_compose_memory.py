@@ -14,7 +14,7 @@ Linux a child's `ru_maxrss` includes the parent's high-water mark at `exec`.
 
 Usage:
     python benchmarks/bench_compose_memory.py                       # ~2.9 GB (needs ~3 GB of disk)
-    python benchmarks/bench_compose_memory.py --smoke --output /tmp/x.json   # tiny, seconds
+    python benchmarks/bench_compose_memory.py --smoke --output smoke.json   # tiny, seconds
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from bench_convert_memory import (  # noqa: E402
     CLIP_L_336,
     TINY_TOWER,
     machine_and_versions,
+    parse_args,
     run_measured,
     split_into_shards,
     word_tokenizer,
@@ -53,23 +54,6 @@ assert not any(p.is_meta for p in model.parameters())
 # the whole model as training would.
 assert all(torch.isfinite(p.detach().sum()) for p in model.parameters())
 """
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--hidden", type=int, default=2048, help="LLM width")
-    parser.add_argument("--intermediate", type=int, default=5504, help="LLM MLP width")
-    parser.add_argument("--layers", type=int, default=20, help="LLM layers")
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shards", type=int, default=3, help="LLM shards")
-    parser.add_argument("--smoke", action="store_true", help="tiny tower and LLM: checks the script, not memory")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the parts go (default: a temp dir)")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "compose_memory.json")
-    parser.add_argument("--write-only", type=Path, default=None, help=argparse.SUPPRESS)  # the writer child
-    args = parser.parse_args()
-    if args.smoke:
-        args.hidden, args.intermediate, args.layers, args.vocab = 64, 128, 2, 300
-    return args
 
 
 def write_zero_safetensors(model, folder: Path, shards: int) -> int:
@@ -117,7 +101,7 @@ def folder_bytes(folder: Path) -> int:
 
 
 def main() -> None:
-    args = parse_args()
+    args = parse_args(__doc__, "compose_memory.json", "the parts")
     if args.write_only is not None:
         write_parts(args.write_only, args)
         return

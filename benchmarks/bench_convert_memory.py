@@ -15,7 +15,7 @@ folded in at `exec`), so a parent holding torch or a 1 GB shard would inflate ev
 Usage:
     python benchmarks/bench_convert_memory.py                      # ~2.9 GB in 3 shards (needs ~6 GB of disk)
     python benchmarks/bench_convert_memory.py --layers 40 --hidden 5120 --intermediate 13824   # 13B-shaped, ~27 GB
-    python benchmarks/bench_convert_memory.py --smoke --output /tmp/x.json                   # tiny, seconds
+    python benchmarks/bench_convert_memory.py --smoke --output smoke.json                    # tiny, seconds
 """
 
 from __future__ import annotations
@@ -40,16 +40,19 @@ TINY_TOWER = dict(hidden_size=64, intermediate_size=64, num_hidden_layers=24, nu
                   patch_size=2)  # fmt: skip
 
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parse_args(description: str = __doc__, result_name: str = "convert_memory.json",
+               written: str = "the checkpoints") -> argparse.Namespace:  # fmt: skip
+    """The command line of this benchmark and `bench_compose_memory.py`, which writes `written` (a synthetic
+    tower and LLM of the given shape) under --workdir and its report to benchmarks/results/`result_name`."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hidden", type=int, default=2048, help="LLM width")
     parser.add_argument("--intermediate", type=int, default=5504, help="LLM MLP width")
     parser.add_argument("--layers", type=int, default=20, help="LLM layers")
     parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shards", type=int, default=3)
+    parser.add_argument("--shards", type=int, default=3, help="LLM shards")
     parser.add_argument("--smoke", action="store_true", help="tiny tower and LLM: checks the script, not memory")
-    parser.add_argument("--workdir", type=Path, default=None, help="where the checkpoints go (default: a temp dir)")
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "convert_memory.json")
+    parser.add_argument("--workdir", type=Path, default=None, help=f"where {written} go (default: a temp dir)")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / result_name)
     parser.add_argument("--write-only", type=Path, default=None, help=argparse.SUPPRESS)  # the writer child
     args = parser.parse_args()
     if args.smoke:

@@ -15,11 +15,11 @@ off by its limit keeps the rows it finished (`"complete": false`).
   compile  `torch.compile(projector)` against eager, per mode (default; reduce-overhead = CUDA graphs) and batch:
            first-call seconds (the compile), median ms of both, and the max |difference| of their outputs.
   train    stage-2 optimizer steps per second at equal batch: LLaVA-1.5 (MLP, 576 image tokens) against TokenPacker
-           s=2 (144), on bench_e2e's shared random CLIP-L tower and Vicuna-7B-shaped LLM; the tower frozen, the
+           s=2 (144), on e2e_models' shared random CLIP-L tower and Vicuna-7B-shaped LLM; the tower frozen, the
            projector, LLM and LM head trained (`apply_preset(model, "stage2")`) with fused AdamW in the run's dtype
            (no fp32 master copy: 7B parameters, gradients and two moments in bf16 take 54 GB).
 
-Projector shapes are bench_projector's, models bench_e2e's; `--smoke` takes their tiny shapes (seconds on a CPU).
+Projector shapes are bench_projector's, models e2e_models'; `--smoke` takes their tiny shapes (seconds on a CPU).
 
 Usage:
     python benchmarks/bench_gpu_extras.py sdpa --out /tmp/sdpa.json          # CUDA if present, bf16
@@ -50,7 +50,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_e2e  # noqa: E402
+import e2e_models  # noqa: E402
+from e2e_report import cpu_model, describe_llm  # noqa: E402
 from bench_projector import (  # noqa: E402
     DTYPES,
     FULL,
@@ -87,7 +88,7 @@ def write(out: Path, result: dict[str, Any]) -> None:
 
 def header(args: argparse.Namespace, part: str) -> dict[str, Any]:
     """What every part's JSON starts with."""
-    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else bench_e2e.cpu_model()
+    device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
     return {"benchmark": f"gpu_extras.{part}", "smoke": args.smoke, "device": args.device, "device_name": device_name,
             "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
             "complete": False}
@@ -299,15 +300,15 @@ def part_compile(args: argparse.Namespace) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------- train
 
 
-def train_row(model: nn.Module, name: str, shapes: bench_e2e.Shapes, args: argparse.Namespace) -> dict[str, Any]:
+def train_row(model: nn.Module, name: str, shapes: e2e_models.Shapes, args: argparse.Namespace) -> dict[str, Any]:
     """Stage-2 steps of one model on one fixed batch (`pixel_values [B, 3, H, W]`, `input_ids [B, L]`, labels
     -100 at image positions): warm-up steps (they allocate the optimizer state), then timed steps."""
     from tokenpacker_hf.training import apply_preset
 
     dtype = DTYPES[args.dtype]
     apply_preset(model, "stage2").train()
-    request = bench_e2e.base_request(model, name, shapes, args.train_batch, dtype, args.device)
-    labels = request.input_ids.masked_fill(request.input_ids == bench_e2e.IMAGE_TOKEN_ID, -100)
+    request = e2e_models.base_request(model, name, shapes, args.train_batch, dtype, args.device)
+    labels = request.input_ids.masked_fill(request.input_ids == e2e_models.IMAGE_TOKEN_ID, -100)
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=1e-5, fused=True)
     losses: list[float] = []
@@ -338,10 +339,10 @@ def train_row(model: nn.Module, name: str, shapes: bench_e2e.Shapes, args: argpa
 def part_train(args: argparse.Namespace) -> dict[str, Any]:
     """`train_row` for LLaVA-1.5 and TokenPacker s=2 on one shared backbone, one after the other (only one
     optimizer state exists at a time); ratios to LLaVA-1.5."""
-    shapes = bench_e2e.smoke_shapes() if args.smoke else bench_e2e.full_shapes("7b")
-    names = [bench_e2e.BASELINE, "tokenpacker-s2"]
-    models = bench_e2e.build_models(names, shapes, DTYPES[args.dtype], args.device)
-    result = header(args, "train") | {"llm": bench_e2e.describe_llm(shapes.text), "optimizer": "AdamW (fused)",
+    shapes = e2e_models.smoke_shapes() if args.smoke else e2e_models.full_shapes("7b")
+    names = [e2e_models.BASELINE, "tokenpacker-s2"]
+    models = e2e_models.build_models(names, shapes, DTYPES[args.dtype], args.device)
+    result = header(args, "train") | {"llm": describe_llm(shapes.text), "optimizer": "AdamW (fused)",
                                       "rows": {}}
     for name in names:
         try:
@@ -358,7 +359,7 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
     rows = result["rows"]
     if all("steps_per_s" in row for row in rows.values()):
         result["tokenpacker_s2_steps_per_s_ratio"] = rows["tokenpacker-s2"]["steps_per_s"] / rows[
-            bench_e2e.BASELINE]["steps_per_s"]
+            e2e_models.BASELINE]["steps_per_s"]
     result["complete"] = True
     write(args.out, result)
     return result

@@ -1,7 +1,7 @@
 """Markdown tables and one PNG from a `benchmarks/gpu_suite.sh` results folder, for docs/performance.md.
 
 Reads OUT/{suite,env,projector,sdpa,e2e,train,compile}.json; a stage without a result is reported as such, with its
-exit status from suite.json. The end-to-end tables are bench_e2e's own (`bench_e2e.markdown`).
+exit status from suite.json. The end-to-end tables are bench_e2e's own (`e2e_report.markdown`).
 
     python benchmarks/plot_gpu.py OUT                                   # markdown to stdout
     python benchmarks/plot_gpu.py OUT --markdown OUT/report.md --plot docs/performance_gpu.png
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import bench_e2e  # noqa: E402
+import e2e_report  # noqa: E402
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -137,7 +137,7 @@ def markdown(results: dict[str, Any]) -> str:
     sections = [("Environment", "env", environment),
                 ("Projector against the original formulation", "projector", projector_table),
                 ("Which SDPA backend the region attention takes", "sdpa", sdpa_table),
-                ("End to end", "e2e", bench_e2e.markdown),
+                ("End to end", "e2e", e2e_report.markdown),
                 ("Stage-2 training steps", "train", train_table),
                 ("torch.compile of the projector", "compile", compile_table)]
     lines = [stages_line(results["suite"]), ""]

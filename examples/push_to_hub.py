@@ -15,7 +15,7 @@ import argparse
 
 from transformers import AutoModelForImageTextToText, AutoProcessor
 
-from tokenpacker_hf.training import push_to_hub
+from tokenpacker_hf.hub import push_to_hub
 
 
 def parse_args() -> argparse.Namespace:

@@ -41,7 +41,7 @@ from accelerate import PartialState
 from accelerate.utils import DistributedType
 from transformers import AutoModelForImageTextToText, AutoProcessor, HfArgumentParser, Trainer, TrainingArguments
 
-from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker_hf.compose import compose_pretrained
 from tokenpacker_hf.training import PRESETS, LlavaDataset, TokenPackerCollator, apply_preset
 
 logger = logging.getLogger("tokenpacker_hf.train")
@@ -137,15 +137,10 @@ def load_model_and_processor(args: ModelArguments):
             trust_remote_code=args.trust_remote_code,
         )
         return model, processor
-    config = {"scale_factor": args.scale_factor}
-    if args.region_feature_layers:
-        config["region_feature_layers"] = args.region_feature_layers
-    chat_template = Path(args.chat_template).read_text() if args.chat_template else None
-    processor = TokenPackerProcessor.from_vision_text_pretrained(
-        args.vision_tower, args.language_model, image_mode=args.image_mode, chat_template=chat_template, **config
-    )
-    model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
-        args.vision_tower, args.language_model, processor=processor, dtype=dtype, **config
+    model, processor = compose_pretrained(
+        args.vision_tower, args.language_model, scale_factor=args.scale_factor,
+        region_feature_layers=args.region_feature_layers, image_mode=args.image_mode, dtype=dtype,
+        chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
     )
     if args.attn_implementation:
         model.set_attn_implementation(args.attn_implementation)

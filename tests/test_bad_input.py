@@ -7,11 +7,9 @@ import re
 import pytest
 import torch
 
-from test_modeling import make_model, pixels, prompt
-from test_processing import PROMPT, make_processor, noise_image
-from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
+from builders import PROMPT, make_model, make_processor, noise_image, pixels, prompt
+from tiny import IMAGE_TOKEN_ID, make_tokenizer
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration
-from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
 from tokenpacker_hf.modeling_tokenpacker import left_padding_mask
 from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor
 
@@ -20,10 +18,9 @@ from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor
 
 def released_style_processor() -> TokenPackerProcessor:
     """Slice mode with the released HD models' tokenizer setting: pad = `<unk>` = the row separator."""
-    tokenizer = make_tokenizer()
-    tokenizer.pad_token = tokenizer.unk_token
-    image_processor = TokenPackerImageProcessor(image_mode="slice", tile_size=16, max_slices=9)
-    return TokenPackerProcessor.from_config(tiny_config(), image_processor=image_processor, tokenizer=tokenizer)
+    processor = make_processor("slice")
+    processor.tokenizer.pad_token = processor.tokenizer.unk_token
+    return processor
 
 
 def released_style_model() -> TokenPackerForConditionalGeneration:

@@ -18,7 +18,6 @@ import pytest
 import torch
 from hub_server import LocalHub, closed_port_url, hub_env, point_clients_at
 from PIL import Image
-from test_cli import image_files, model_folder  # noqa: F401  (fixtures)
 
 from tokenpacker_hf.cli import main
 
@@ -191,16 +190,6 @@ def test_unusable_image_is_one_error_line(name, bad_images, model_folder, capsys
 
 # ----------------------------------------------------------------------------------------------------------------
 # The Hub: a repo that does not exist, a server answering errors, a closed port, offline mode
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A local Hub server this process's clients talk to, with a private, empty download cache."""
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
-    with LocalHub() as running, point_clients_at(running):
-        yield running
 
 
 @pytest.fixture

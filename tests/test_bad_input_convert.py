@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import LocalHub, closed_port_url, point_clients_at
-from test_convert import TINY_LM, TINY_TOWER, Original, tiny_original  # noqa: F401  (fixture)
+from hub_server import closed_port_url, point_clients_at
+from original_checkpoint import TINY_LM, TINY_TOWER, Original
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.cli import main
@@ -230,16 +230,6 @@ def test_destination_in_a_read_only_folder_is_refused(tmp_path, tiny_original, c
 
 # ----------------------------------------------------------------------------------------------------------------
 # The Hub: source repos and --push-to-hub
-
-
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """A local Hub server this process's clients talk to, with a private, empty download cache."""
-    import huggingface_hub.constants as hf_constants
-
-    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
-    with LocalHub() as running, point_clients_at(running):
-        yield running
 
 
 def timed_refusal(*args, **kwargs) -> str:

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from builders import make_processor, qa, write_llava_dataset
 from PIL import Image
-from test_training import qa, tiny_processor, write_llava_dataset
 
 from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator
 
@@ -59,7 +59,7 @@ def jsonl(*lines: object) -> bytes:
 def test_unreadable_data_file_names_the_file(name, content, error, fragments, tmp_path):
     path = write_data(tmp_path, name, content)
     with pytest.raises(error) as raised:
-        LlavaDataset(path, tiny_processor(), tmp_path / "images")
+        LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     for fragment in fragments:
         assert fragment in str(raised.value)
     assert str(path) in str(raised.value)
@@ -67,10 +67,10 @@ def test_unreadable_data_file_names_the_file(name, content, error, fragments, tm
 
 def test_missing_data_file_and_folder_in_its_place_name_the_path(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such.json"):
-        LlavaDataset(tmp_path / "no-such.json", tiny_processor())
+        LlavaDataset(tmp_path / "no-such.json", make_processor(padding_side="right"))
     (tmp_path / "folder.json").mkdir()
     with pytest.raises(IsADirectoryError, match="folder.json"):
-        LlavaDataset(tmp_path / "folder.json", tiny_processor())
+        LlavaDataset(tmp_path / "folder.json", make_processor(padding_side="right"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def test_missing_data_file_and_folder_in_its_place_name_the_path(tmp_path):
     ],
 )  # fmt: skip
 def test_unusual_but_valid_files_give_every_sample(name, content, tmp_path):
-    dataset = LlavaDataset(write_data(tmp_path, name, content), tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 2 and not dataset.skipped
     assert torch.equal(dataset[0]["input_ids"], dataset[1]["input_ids"])
 
@@ -97,7 +97,7 @@ def test_jsonl_line_separator_inside_a_string_does_not_split_the_record(tmp_path
     record = qa("<image>\nRead\u2028this.", "Done.", "good.png")
     content = json.dumps(record, ensure_ascii=False).encode() + b"\n"
     assert "\u2028".encode() in content
-    dataset = LlavaDataset(write_data(tmp_path, "data.jsonl", content), tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(write_data(tmp_path, "data.jsonl", content), make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 1 and not dataset.skipped
 
 
@@ -109,7 +109,7 @@ def test_broken_jsonl_line_is_skipped_and_named_by_its_line_number(tmp_path, cap
     content = jsonl(GOOD, "", '{"conversations": [', GOOD, "{'single': 'quotes'}")
     path = write_data(tmp_path, "data.jsonl", content)
     with caplog.at_level(logging.WARNING, logger="tokenpacker_hf.training"):
-        dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+        dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 2
     assert dataset.skipped == {"invalid_json": 2}
     assert "line 3 is not valid JSON: Expecting value at column 20" in caplog.text
@@ -120,7 +120,7 @@ def test_jsonl_with_only_broken_lines_is_unusable(tmp_path):
     path = write_data(tmp_path, "data.jsonl", jsonl("{", "[1, 2"))
     expected = r"data\.jsonl: none of its 2 samples is usable \(skipped: \{'invalid_json': 2\}\)"
     with pytest.raises(ValueError, match=expected):
-        LlavaDataset(path, tiny_processor(), tmp_path / "images")
+        LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
 
 
 WRONG_RECORDS = {
@@ -146,7 +146,7 @@ WRONG_RECORDS = {
 def test_record_of_the_wrong_shape_is_a_counted_skip(case, name, tmp_path):
     records = [GOOD, WRONG_RECORDS[case]]
     content = json.dumps(records).encode() if name == "data.json" else jsonl(*(json.dumps(r) for r in records))
-    dataset = LlavaDataset(write_data(tmp_path, name, content), tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 1 and dataset.skipped == {"malformed": 1}
     assert dataset[0]["pixel_values"].shape[0] == 1
 
@@ -155,7 +155,7 @@ def test_image_path_that_is_a_folder_is_a_missing_image(tmp_path):
     records = [GOOD, qa("<image>\nAnd this?", "No.", "a_folder.png")]
     path = write_llava_dataset(tmp_path, records, {"good.png": (16, 16, 1)})
     (tmp_path / "images" / "a_folder.png").mkdir()
-    dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 1 and dataset.skipped == {"missing_image": 1}
 
 
@@ -189,7 +189,7 @@ BAD_IMAGES = {
 def test_unusable_image_mid_epoch_is_a_counted_skip(case, tmp_path, caplog):
     records = [qa("<image>\nThis one?", "Broken.", "bad.png"), GOOD]
     path = write_llava_dataset(tmp_path, records, {"good.png": (16, 16, 3), "bad.png": (16, 16, 9)})
-    dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 2 and not dataset.skipped  # the scan saw a usable file
     BAD_IMAGES[case](tmp_path / "images" / "bad.png")
 
@@ -205,7 +205,7 @@ def test_unusable_image_mid_epoch_is_a_counted_skip(case, tmp_path, caplog):
 def test_epoch_where_no_image_can_be_read_raises_naming_the_file(tmp_path):
     records = [qa("<image>\nA?", "B.", "a.png"), qa("<image>\nC?", "D.", "b.png")]
     path = write_llava_dataset(tmp_path, records, {"a.png": (16, 16, 1), "b.png": (16, 16, 2)})
-    dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     shutil.rmtree(tmp_path / "images")
     with pytest.raises(RuntimeError, match=r"data\.json: no usable sample left \(skipped: \{'unreadable_image': 2\}\)"):
         dataset[0]

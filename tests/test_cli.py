@@ -8,7 +8,6 @@ import sys
 import tomllib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -16,34 +15,7 @@ from PIL import Image
 import tokenpacker_hf
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.cli import StrippedStreamer, main
-from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
 from tokenpacker_hf.tiny import make_tokenizer, tiny_config
-
-
-@pytest.fixture(scope="module")
-def model_folder(tmp_path_factory):
-    """A saved tiny model (random weights) with a slice-mode processor."""
-    folder = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    config = tiny_config()
-    TokenPackerForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = TokenPackerImageProcessor.from_vision_config(config.vision_config, image_mode="slice")
-    TokenPackerProcessor.from_config(config, image_processor=image_processor, tokenizer=make_tokenizer()).save_pretrained(
-        folder
-    )
-    return folder
-
-
-@pytest.fixture(scope="module")
-def image_files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("images")
-    rng = np.random.default_rng(0)
-    paths = []
-    for index, (height, width) in enumerate([(24, 40), (16, 16)]):
-        path = folder / f"image{index}.png"
-        Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
-        paths.append(path)
-    return paths
 
 
 def expected_answer(folder, paths, prompt: str, max_new_tokens: int) -> str:

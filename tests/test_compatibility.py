@@ -16,8 +16,8 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaForCausalLM
 
+from builders import make_model, pixels, prompt
 from subprocess_utils import run_without_package
-from test_modeling import make_model, pixels, prompt
 from tiny import text_config
 from tokenpacker_hf import TokenPackerModel
 from tokenpacker_hf.configuration_tokenpacker import MIN_TRANSFORMERS_VERSION, check_transformers_version

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,12 +29,11 @@ from transformers import (
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from subprocess_utils import run_without_package
-from test_training import small_dataset
+from builders import REPO_ROOT, small_dataset
 from tiny import text_config, vision_config
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor, cli
 from tokenpacker_hf.tiny import byte_level_backend
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOWER = dict(region_feature_layers=[1, 2, 3], projector_hidden_size=32, projector_num_heads=2)
 LLM_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # no <image>: composing must add it
 

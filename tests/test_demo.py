@@ -129,19 +129,18 @@ def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp
     the streamed pieces add up to what `generate` prints."""
     import numpy as np
     import torch
+    from builders import make_processor
     from PIL import Image
 
-    from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor
+    from tokenpacker_hf import TokenPackerForConditionalGeneration
     from tokenpacker_hf.cli import build_parser, main
     from tokenpacker_hf.demo import Demo
-    from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
-    from tokenpacker_hf.tiny import make_tokenizer, tiny_config
+    from tokenpacker_hf.tiny import tiny_config
 
     torch.manual_seed(0)
     config, folder = tiny_config(), tmp_path / "hd"
     TokenPackerForConditionalGeneration(config).save_pretrained(folder)
-    image_processor = TokenPackerImageProcessor.from_vision_config(config.vision_config, image_mode="slice")
-    processor = TokenPackerProcessor.from_config(config, image_processor=image_processor, tokenizer=make_tokenizer())
+    processor = make_processor("slice")
     processor.save_pretrained(folder)
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)).save(tmp_path / "wide.png")
     data_url = "data:image/png;base64," + base64.b64encode((tmp_path / "wide.png").read_bytes()).decode()

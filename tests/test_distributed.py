@@ -15,11 +15,11 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
-from test_training import REPO_ROOT, free_port, qa, save_tiny_model, write_llava_dataset
-from tiny import make_tokenizer, tiny_config
+from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, write_llava_dataset
+from tiny import tiny_config
 
 import tokenpacker_hf
-from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerImageProcessor, TokenPackerProcessor
+from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.training import TokenPackerCollator, encode_conversation, llava_to_messages
 
 STEPS = 6
@@ -157,11 +157,7 @@ def test_fsdp_cpu_config_is_the_gpu_config_on_two_cpu_processes():
 @pytest.mark.parametrize("image_mode", ["pad", "slice"])
 def test_blank_image_runs_the_vision_path_without_changing_loss_or_gradients(image_mode):
     config = tiny_config()
-    processor = TokenPackerProcessor.from_config(
-        config,
-        image_processor=TokenPackerImageProcessor.from_vision_config(config.vision_config, image_mode=image_mode),
-        tokenizer=make_tokenizer(padding_side="right"),
-    )
+    processor = make_processor(image_mode, padding_side="right")
     conversations = [qa("Say hi.", "Hi."), qa("Count to three.", "One, two, three.")]
     examples = [encode_conversation(processor, llava_to_messages(c["conversations"]), []) for c in conversations]
     plain = TokenPackerCollator(processor)(examples)

@@ -5,25 +5,17 @@ from __future__ import annotations
 
 import textwrap
 
-import pytest
 import torch
 import yaml
-from hub_server import LocalHub, hub_env, point_clients_at
+from builders import example_inputs, make_processor, trained_looking_lora
+from hub_server import LocalHub, hub_env
 from subprocess_utils import run_without_package
-from test_peft import example_inputs, trained_looking_lora
-from test_training import tiny_processor
 from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
-from tokenpacker_hf.training import push_to_hub
+from tokenpacker_hf.hub import push_to_hub
 
 BASES = ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"]
-
-
-@pytest.fixture
-def hub():
-    with LocalHub() as running, point_clients_at(running):
-        yield running
 
 
 def card_metadata(readme: bytes) -> dict:
@@ -40,7 +32,7 @@ def run_against_hub(hub: LocalHub, tmp_path, code: str):
 
 def test_push_model_and_processor_then_load_remote_code_in_fresh_process(hub, tmp_path):
     torch.manual_seed(0)
-    model, processor = TokenPackerForConditionalGeneration(tiny_config()).eval(), tiny_processor()
+    model, processor = TokenPackerForConditionalGeneration(tiny_config()).eval(), make_processor(padding_side="right")
     push_to_hub(model, processor, "user/tiny-tp", base_models=BASES, datasets=["liuhaotian/LLaVA-Instruct-150K"])
 
     files = hub.files("user/tiny-tp")
@@ -87,7 +79,7 @@ def test_push_model_and_processor_then_load_remote_code_in_fresh_process(hub, tm
 
 def test_push_lora_adapter_then_attach_to_remote_code_base(hub, tmp_path):
     torch.manual_seed(0)
-    base, processor = TokenPackerForConditionalGeneration(tiny_config()), tiny_processor()
+    base, processor = TokenPackerForConditionalGeneration(tiny_config()), make_processor(padding_side="right")
     push_to_hub(base, processor, "user/tiny-tp", base_models=BASES)
     peft_model = trained_looking_lora(base)
     card = push_to_hub(peft_model, processor, "user/tiny-tp-lora", adapter_base="user/tiny-tp")

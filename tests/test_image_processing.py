@@ -38,7 +38,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SINGLE_THREAD_ATOL = 1e-6
 MULTI_THREAD_ATOL = 5e-4
 
-# Spec §3.2, verified by execution with the reference `Image_Patch`: (H, W) -> grid for max_slices 9 / 16 / 25.
+# The original's slice grids, verified by running the authors' `Image_Patch` slicing: (H, W) -> grid for
+# max_slices 9 / 16 / 25.
 GOLDEN_GRIDS = [
     ((224, 224), (1, 1), (1, 1), (1, 1)),
     ((336, 336), (1, 1), (1, 1), (1, 1)),
@@ -208,7 +209,7 @@ def test_slice_mode_matches_the_original_pipeline(size):
 
 
 def test_thumbnail_quirk_on_480x640():
-    """Spec §3.4: 480×640 (pn 9) -> 2×3 canvas of 672×1008 holding a 672×896 image; the 252×336 thumbnail is
+    """The original's thumbnail quirk: 480×640 (pn 9) -> 2×3 canvas of 672×1008 holding a 672×896 image; the 252×336 thumbnail is
     made from the canvas, so its real content spans only ~299 of its 336 columns."""
     image = Image.new("RGB", (640, 480), (250, 20, 20))  # far from the mean: clearly non-zero when normalised
     tiles = TokenPackerImageProcessor(image_mode="slice")(image)["pixel_values"]

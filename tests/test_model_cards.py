@@ -11,16 +11,16 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
+from builders import make_processor
 from card_utils import image_proxy, python_block
 from huggingface_hub import ModelCard
 from PIL import Image
 from subprocess_utils import run_without_package
 
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
-from tokenpacker_hf.tiny import make_tokenizer, tiny_config
-from tokenpacker_hf.training import CardExample, model_card
+from tokenpacker_hf.tiny import tiny_config
+from tokenpacker_hf.hub import CardExample, model_card
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "models" / "tokenpacker-digits"
@@ -84,7 +84,7 @@ def test_generic_card_snippet_runs_as_written_on_a_saved_folder(tmp_path):
     config = tiny_config()
     folder = tmp_path / "my-tokenpacker"
     TokenPackerForConditionalGeneration(config).save_pretrained(folder)
-    processor = TokenPackerProcessor.from_config(config, tokenizer=make_tokenizer())
+    processor = make_processor()
     processor.save_pretrained(folder)
     card = model_card(config, "my-tokenpacker", image_processor=processor.image_processor,
                       base_models=["openai/clip-vit-large-patch14-336"], datasets=["liuhaotian/LLaVA-Instruct-150K"])  # fmt: skip
@@ -98,13 +98,11 @@ def test_generic_card_snippet_runs_as_written_on_a_saved_folder(tmp_path):
     assert data.pipeline_tag == "image-text-to-text" and data.library_name == "transformers"
 
 
-def test_converted_card_names_the_destination_inherits_the_license_and_runs(tmp_path, monkeypatch):
+def test_converted_card_names_the_destination_inherits_the_license_and_runs(tmp_path, monkeypatch, tiny_original):
     """`convert SRC DST` with relative paths, as typed in a shell: the card's title and snippet say DST."""
-    from test_convert import TINY_LM, TINY_TOWER, Original
-
     from tokenpacker_hf.convert_tokenpacker_original import convert_original_checkpoint
 
-    src = Original(TINY_TOWER, TINY_LM, scale_factor=2, seed=9).write(tmp_path / "src", fmt="safetensors", shards=1)
+    src = tiny_original.write(tmp_path / "src", fmt="safetensors", shards=1)
     (src / "README.md").write_text("---\nlicense: llama2\ndatasets:\n- liuhaotian/LLaVA-Pretrain\n---\n\n# original\n")
     monkeypatch.chdir(tmp_path)
     convert_original_checkpoint("src", "tp-converted")

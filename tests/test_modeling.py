@@ -4,30 +4,11 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, SiglipVisionConfig
 
+from builders import TOKENS, make_model, pixels, prompt
 from tiny import IMAGE_TOKEN_ID, tiny_config, vision_config
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.image_processing_tokenpacker import num_tiles
 from tokenpacker_hf.modeling_tokenpacker import tiles_per_image
-
-TOKENS = 4  # tiny_config: 4x4 patch grid, s=2
-
-
-def make_model(seed: int = 0, **config_overrides) -> TokenPackerForConditionalGeneration:
-    torch.manual_seed(seed)
-    return TokenPackerForConditionalGeneration(tiny_config(**config_overrides)).eval()
-
-
-def prompt(images: int = 1, tokens: int = TOKENS, text: tuple[int, ...] = (70, 71, 72)) -> list[int]:
-    """`<s> text <image>*tokens text ...` with one image block per image."""
-    ids = [1]
-    for _ in range(images):
-        ids += list(text) + [IMAGE_TOKEN_ID] * tokens
-    return ids + [73, 74]
-
-
-def pixels(tiles: int, seed: int = 1) -> torch.Tensor:
-    return torch.randn(tiles, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
-
 
 def count_runs(module: torch.nn.Module, calls: list[int], index: int = 0) -> None:
     """Counts runs of `module.forward` in `calls[index]`. Wrapping `forward` (not a hook on `__call__`) also
@@ -166,6 +147,27 @@ def test_tied_embeddings_are_not_saved_twice(tmp_path):
     reloaded = TokenPackerForConditionalGeneration.from_pretrained(tmp_path)
     assert reloaded.lm_head.weight.data_ptr() == reloaded.get_input_embeddings().weight.data_ptr()
     torch.testing.assert_close(reloaded.lm_head.weight, model.lm_head.weight)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_embedding_accessors_reach_the_language_model(tie):
+    """The models define no embedding accessors: transformers' fallbacks must find the LLM's table through
+    `language_model` (TokenPackerModel) and `model` (the LM head model), so that resizing grows the table the
+    forward uses and the LM head with it, tied or not."""
+    model = make_model(text={"tie_word_embeddings": tie})
+    table = model.model.language_model.embed_tokens
+    assert model.get_input_embeddings() is table and model.model.get_input_embeddings() is table
+    assert model.get_output_embeddings() is model.lm_head and model.model.get_output_embeddings() is None
+    vocab = table.num_embeddings
+    model.resize_token_embeddings(vocab + 3)
+    table = model.model.language_model.embed_tokens
+    assert model.get_input_embeddings() is table and table.num_embeddings == vocab + 3
+    assert model.lm_head.out_features == vocab + 3 == model.config.text_config.vocab_size
+    assert (model.lm_head.weight.data_ptr() == table.weight.data_ptr()) == tie
+    assert model(input_ids=torch.tensor([[1, vocab + 2]])).logits.shape[-1] == vocab + 3
+    replacement = torch.nn.Embedding(vocab + 3, table.embedding_dim)
+    model.set_input_embeddings(replacement)
+    assert model.model.language_model.embed_tokens is replacement
 
 
 def test_bfloat16_load_runs(tmp_path):

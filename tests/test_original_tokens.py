@@ -104,7 +104,8 @@ def test_prompt_ids_equal_the_original(llama_tokenizers, oracles, legacy, image_
 
 @pytest.mark.parametrize("legacy", [False, True])
 def test_the_token_after_an_image_is_the_dummy_prefix(llama_tokenizers, legacy):
-    """The case of issue 17: `<image>`, `▁` (29871), `<0x0A>` (13), ... whatever the legacy setting."""
+    """The original tokenises the text after `<image>` on its own, so it starts with the dummy prefix: `<image>`,
+    `▁` (29871), `<0x0A>` (13), ... whatever the legacy setting (docs/prompt_tokens.md)."""
     processor = make_processor(llama_tokenizers[legacy], "pad")
     ids, _ = processor.encode_prompt("USER: <image>\nWhat")
     at = ids.index(IMAGE_ID)

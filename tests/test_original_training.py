@@ -92,7 +92,8 @@ def test_training_ids_and_labels_equal_the_original(llama_tokenizers, oracles, l
 
 
 def test_rendering_keeps_the_whitespace_the_original_keeps():
-    """The issue's example: only turns holding `<image>` are stripped; a text-only turn keeps both ends."""
+    """As the original's `preprocess_multimodal`: only turns holding `<image>` are stripped; a text-only turn keeps both
+    ends (docs/prompt_tokens.md)."""
     conversation = turns("<image>\nWhat is it?", "A cat.", "Are you sure?\n", "Yes.")
     assert [m["content"] for m in llava_to_messages(conversation)] == [
         "<image>\nWhat is it?", "A cat.", "Are you sure?\n", "Yes."

@@ -6,33 +6,12 @@ from __future__ import annotations
 import textwrap
 
 import torch
-from PIL import Image
+from builders import example_inputs, make_processor, trained_looking_lora
 from safetensors import safe_open
 from subprocess_utils import run_without_package
-from test_training import tiny_processor
 from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
-from tokenpacker_hf.training import apply_preset
-
-
-def example_inputs(processor) -> dict[str, torch.Tensor]:
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    image = Image.new("RGB", (24, 16), (200, 30, 90))
-    return dict(processor(images=[image], text=prompt, return_tensors="pt"))
-
-
-def trained_looking_lora(base: TokenPackerForConditionalGeneration):
-    """The lora preset with nonzero `lora_B` and a changed projector copy, as after some training steps (fresh
-    LoRA is an identity, which would make every comparison below trivially pass)."""
-    peft_model = apply_preset(base, "lora", lora_r=4, lora_alpha=8, lora_dropout=0.0)
-    generator = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name or ".modules_to_save." in name:
-                param.add_(0.05 * torch.randn(param.shape, generator=generator))
-    return peft_model.eval()
 
 
 def test_adapter_holds_lm_lora_and_the_full_projector_only(tmp_path):
@@ -59,7 +38,7 @@ def test_lora_round_trip_through_remote_code_with_equal_logits(tmp_path):
     torch.manual_seed(0)
     base = TokenPackerForConditionalGeneration(tiny_config())
     base.save_pretrained(tmp_path / "base")
-    processor = tiny_processor()
+    processor = make_processor(padding_side="right")
     processor.save_pretrained(tmp_path / "base")
     inputs = example_inputs(processor)
     with torch.no_grad():

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from builders import PROMPT, make_processor, noise_image
 from subprocess_utils import run_without_package
 from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
@@ -18,19 +19,6 @@ from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerP
 
 T = 4  # tokens per tile of the tiny config (4×4 patch grid, s = 2)
 COMMA, NEWLINE = 16, 3  # convert_tokens_to_ids(",") and the <unk> fallback of convert_tokens_to_ids("\n")
-PROMPT = "USER: <image>\nWhat is it? ASSISTANT:"
-
-
-def make_processor(image_mode: str = "pad", padding_side: str = "left", **kwargs) -> TokenPackerProcessor:
-    image_processor = TokenPackerImageProcessor(image_mode=image_mode, tile_size=16, max_slices=9)
-    return TokenPackerProcessor.from_config(
-        tiny_config(), image_processor=image_processor, tokenizer=make_tokenizer(padding_side), **kwargs
-    )
-
-
-def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
 
 
 def text_ids(text: str) -> list[int]:
@@ -66,7 +54,8 @@ def test_pad_mode_replaces_the_placeholder_with_T_image_tokens():
 
 
 def test_slice_mode_layout_of_a_2x3_grid():
-    """Spec §3.5: `t0 , t1 , t2 NL t3 , t4 , t5 NL t6(global) NL`, separators as single ids."""
+    """The original's HD layout (README, "High resolution"): `t0 , t1 , t2 NL t3 , t4 , t5 NL t6(global) NL`,
+    separators as single ids."""
     processor = make_processor("slice")
     out = processor(images=noise_image(48, 32), text=PROMPT)
     assert out["image_grids"].tolist() == [[2, 3]]
@@ -99,7 +88,9 @@ def test_separators_never_merge_with_neighbouring_text():
 
 
 @pytest.mark.parametrize("rows, cols, expected", [(1, 1, 145), (2, 2, 725), (2, 3, 1015), (3, 3, 1450), (4, 4, 2465)])
-def test_token_count_table_of_the_spec(rows, cols, expected):
+def test_token_count_of_the_released_hd_models(rows, cols, expected):
+    """144 tokens per tile, each tile followed by one separator, plus the thumbnail and its separator when there is
+    more than one tile."""
     assert count_image_tokens(rows, cols, 144) == expected
     assert count_image_tokens(rows, cols, 144, image_mode="pad") == 144
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
 from reference.original_tokenpacker import (
@@ -19,7 +20,7 @@ from reference.original_tokenpacker import (
 )
 from tiny import tiny_config, vision_config
 from tokenpacker_hf.configuration_tokenpacker import TokenPackerConfig
-from tokenpacker_hf.modeling_tokenpacker import TokenPackerModel
+from tokenpacker_hf.modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.convert_tokenpacker_original import convert_original_projector_state_dict
 from tokenpacker_hf.projector_tokenpacker import (
     AvgPoolProjector,
@@ -162,7 +163,7 @@ def test_baseline_output_shapes(projector_type, cls, scale_factor, tokens):
 
 
 def test_fresh_model_initialises_the_projector_like_the_original():
-    """Spec §1.6: the original's `_init_weights` gives every Linear N(0, 0.02) and a zero bias, LayerNorms 1 and 0,
+    """The original's `_init_weights` gives every Linear N(0, 0.02) and a zero bias, LayerNorms 1 and 0,
     and `nn.MultiheadAttention` Xavier-initialises the stacked in-projection. The oracle's own init is the
     reference, parameter by parameter (the Xavier bound of E = 256 gives a std about twice 0.02)."""
     config = make_config(grid=8, vision_width=64, levels=2, width=256, heads=2, text_width=96)
@@ -177,6 +178,46 @@ def test_fresh_model_initialises_the_projector_like_the_original():
         else:
             assert ours[name].std().item() == pytest.approx(reference.std().item(), rel=0.1), name
             assert ours[name].mean().abs() < 0.1 * reference.std(), name
+
+
+def assert_initialised_like_the_original(projector: nn.Module) -> None:
+    """q/k/v Linears Xavier-uniform on [-b, b], b from `nn.MultiheadAttention`'s stacked [3E, E] in-projection;
+    every other Linear N(0, 0.02); biases 0; LayerNorms 1 and 0."""
+    in_projections = 0
+    for name, module in projector.named_modules():
+        if isinstance(module, nn.Linear):
+            weight = module.weight.detach().float()
+            if name.rsplit(".", 1)[-1] in ("q_proj", "k_proj", "v_proj"):
+                in_projections += 1
+                bound = (6.0 / (module.in_features + 3 * module.out_features)) ** 0.5
+                assert 0.99 * bound < weight.abs().max() <= bound, name  # fills the interval and stays inside
+                assert weight.std().item() == pytest.approx(bound / 3**0.5, rel=0.03), name
+                # Uniform: half the weights lie within b/2 (a normal of the same std would put 61% there).
+                assert (weight.abs() < bound / 2).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+            else:
+                assert weight.std().item() == pytest.approx(0.02, rel=0.1), name
+                assert weight.mean().abs() < 0.002, name
+            assert module.bias is None or torch.all(module.bias == 0), name
+        elif isinstance(module, nn.LayerNorm):
+            assert torch.all(module.weight == 1) and torch.all(module.bias == 0), name
+    assert in_projections == 3
+
+
+@pytest.mark.parametrize("path", ["constructor", "from_pretrained without projector weights"])
+def test_projector_init_is_the_originals_on_every_path(tmp_path, path):
+    """A new model (`post_init`), and a checkpoint that lacks the projector, whose weights transformers then
+    initialises as missing keys."""
+    config = make_config(grid=8, vision_width=64, levels=2, width=256, heads=2, text_width=96)
+    torch.manual_seed(0)
+    model = TokenPackerForConditionalGeneration(config)
+    if path != "constructor":
+        model.save_pretrained(tmp_path)
+        weights = load_file(tmp_path / "model.safetensors")
+        kept = {key: value for key, value in weights.items() if ".multi_modal_projector." not in key}
+        assert len(kept) < len(weights)
+        save_file(kept, tmp_path / "model.safetensors", {"format": "pt"})
+        model = TokenPackerForConditionalGeneration.from_pretrained(tmp_path)
+    assert_initialised_like_the_original(model.model.multi_modal_projector)
 
 
 # --- equality with the original formulation ----------------------------------------------------------

@@ -2,8 +2,8 @@
 
 import torch
 
+from builders import make_model, pixels, prompt
 from subprocess_utils import run_without_package
-from test_modeling import make_model, pixels, prompt
 
 CHILD = """
 import torch

@@ -6,19 +6,18 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, small_dataset, write_llava_dataset
 from PIL import Image
 from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
-from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor
+from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM
 from tokenpacker_hf.training import (
     IGNORE_INDEX,
     PRESETS,
@@ -29,36 +28,7 @@ from tokenpacker_hf.training import (
     llava_to_messages,
 )
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENS_PER_IMAGE = tiny_config().num_image_tokens  # 4
-
-
-def tiny_processor() -> TokenPackerProcessor:
-    return TokenPackerProcessor.from_config(tiny_config(), tokenizer=make_tokenizer(padding_side="right"))
-
-
-def write_llava_dataset(root: Path, records: list, images: dict[str, tuple[int, int, int]] | None = None) -> Path:
-    """Writes `records` to root/data.json and each `images[name] = (width, height, red)` to root/images/name."""
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    for name, (width, height, red) in (images or {}).items():
-        Image.new("RGB", (width, height), (red, 40, 200 - red)).save(root / "images" / name)
-    path = root / "data.json"
-    path.write_text(json.dumps(records))
-    return path
-
-
-def qa(question: str, answer: str, image: str | None = None) -> dict:
-    record = {"conversations": [{"from": "human", "value": question}, {"from": "gpt", "value": answer}]}
-    if image is not None:
-        record["image"] = image
-    return record
-
-
-def small_dataset(root: Path) -> Path:
-    """Four image samples and one text-only sample."""
-    records = [qa("<image>\nWhat colour?", f"Shade {i}.", f"{i}.png") for i in range(4)]
-    records.append(qa("Say hi.", "Hi."))
-    return write_llava_dataset(root, records, {f"{i}.png": (16 + 4 * i, 16, 60 * i) for i in range(4)})
 
 
 def char_ids(text: str) -> list[int]:
@@ -72,7 +42,7 @@ def char_ids(text: str) -> list[int]:
 
 
 def test_multi_turn_labels_exact_token_by_token():
-    processor = tiny_processor()
+    processor = make_processor(padding_side="right")
     conversation = [
         {"from": "human", "value": "What is it?\n<image>"},  # the image moves to the front, as in the original
         {"from": "gpt", "value": "A red square."},
@@ -109,7 +79,7 @@ def test_multi_turn_labels_exact_token_by_token():
 
 
 def test_text_only_sample_supervises_answer_and_has_no_pixels():
-    processor = tiny_processor()
+    processor = make_processor(padding_side="right")
     example = encode_conversation(processor, llava_to_messages(qa("Say hi.", "Hi.")["conversations"]), [])
     assert "pixel_values" not in example and "image_grids" not in example
     supervised = [label for label in example["labels"].tolist() if label != IGNORE_INDEX]
@@ -117,7 +87,7 @@ def test_text_only_sample_supervises_answer_and_has_no_pixels():
 
 
 def test_truncation_cuts_text_only_and_is_counted(tmp_path):
-    processor = tiny_processor()
+    processor = make_processor(padding_side="right")
     path = write_llava_dataset(tmp_path, [qa("<image>\nDescribe.", "A long answer " * 5, "a.png")], {"a.png": (16, 16, 9)})
     full = LlavaDataset(path, processor, tmp_path / "images")[0]
     limit = len(full["input_ids"]) - 20  # inside the answer, well after the image
@@ -130,7 +100,7 @@ def test_truncation_cuts_text_only_and_is_counted(tmp_path):
 
 
 def test_samples_that_cannot_fit_are_skipped_counted_and_replaced(tmp_path, caplog):
-    processor = tiny_processor()
+    processor = make_processor(padding_side="right")
     short = {"conversations": [{"from": "system", "value": "Be brief."}, *qa("Hi?", "Hello.")["conversations"]]}
     records = [
         qa("<image>\nDescribe.", "Red.", "a.png"),  # the default system prompt alone puts the image past 100
@@ -164,7 +134,7 @@ def test_bad_records_are_skipped_and_counted(tmp_path, caplog):
     ]
     path = write_llava_dataset(tmp_path, records, {"good.png": (16, 16, 1)})
     with caplog.at_level(logging.WARNING, logger="tokenpacker_hf.training"):
-        dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+        dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     assert len(dataset) == 1
     assert dataset.skipped == {"missing_image": 1, "image_count_mismatch": 2, "malformed": 3}
     assert "missing.png" in caplog.text and "2 <image> marker(s)" in caplog.text
@@ -175,7 +145,7 @@ def test_unreadable_image_is_skipped_mid_epoch(tmp_path):
         tmp_path, [qa("<image>\nA?", "B.", "broken.png"), qa("<image>\nC?", "D.", "fine.png")], {"fine.png": (16, 16, 3)}
     )
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
-    dataset = LlavaDataset(path, tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
     loader = torch.utils.data.DataLoader(dataset, batch_size=2, collate_fn=TokenPackerCollator(dataset.processor))
     (batch,) = list(loader)
     assert batch["pixel_values"].shape[0] == 2  # the broken sample was replaced by the readable one
@@ -185,10 +155,10 @@ def test_unreadable_image_is_skipped_mid_epoch(tmp_path):
 def test_empty_or_unusable_dataset_raises_naming_the_file(tmp_path):
     empty = write_llava_dataset(tmp_path, [])
     with pytest.raises(ValueError, match=r"data\.json: the dataset holds no samples"):
-        LlavaDataset(empty, tiny_processor())
+        LlavaDataset(empty, make_processor(padding_side="right"))
     unusable = write_llava_dataset(tmp_path, [qa("<image>\n?", "!", "nowhere.png")])
     with pytest.raises(ValueError, match=r"data\.json: none of its 1 samples is usable .*missing_image"):
-        LlavaDataset(unusable, tiny_processor(), tmp_path / "images")
+        LlavaDataset(unusable, make_processor(padding_side="right"), tmp_path / "images")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -196,7 +166,7 @@ def test_empty_or_unusable_dataset_raises_naming_the_file(tmp_path):
 
 
 def test_collator_pads_and_orders_pixels_by_batch(tmp_path):
-    dataset = LlavaDataset(small_dataset(tmp_path), tiny_processor(), tmp_path / "images")
+    dataset = LlavaDataset(small_dataset(tmp_path), make_processor(padding_side="right"), tmp_path / "images")
     examples = [dataset[4], dataset[1], dataset[2]]  # text only, image 1, image 2
     batch = TokenPackerCollator(dataset.processor, pad_to_multiple_of=8)(examples)
     lengths = [len(example["input_ids"]) for example in examples]
@@ -272,7 +242,7 @@ def test_trainer_preset_trains_only_intended_parameters(preset, tmp_path):
     records = [qa("<image>\nColour?", "Deep red.", "a.png"), qa("<image>\nColour?", "Blue.", "b.png")]
     dataset = LlavaDataset(
         write_llava_dataset(tmp_path, records, {"a.png": (16, 16, 200), "b.png": (16, 16, 0)}),
-        tiny_processor(),
+        make_processor(padding_side="right"),
         tmp_path / "images",
     )
     # A livelier random LLM than the 0.02 default, so that the projector alone (stage1) can move the loss.
@@ -341,19 +311,6 @@ def test_unknown_preset_names_the_choices():
 # Multi-process
 
 
-def save_tiny_model(folder: Path) -> Path:
-    torch.manual_seed(0)
-    TokenPackerForConditionalGeneration(tiny_config()).save_pretrained(folder)
-    tiny_processor().save_pretrained(folder)
-    return folder
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     data = small_dataset(tmp_path)
@@ -388,7 +345,7 @@ def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(
         trained.model.vision_tower.state_dict(), original.model.vision_tower.state_dict(), rtol=0, atol=0
     )
-    batch = TokenPackerCollator(tiny_processor())([LlavaDataset(data, tiny_processor(), tmp_path / "images")[0]])
+    batch = TokenPackerCollator(make_processor(padding_side="right"))([LlavaDataset(data, make_processor(padding_side="right"), tmp_path / "images")[0]])
     with torch.no_grad():
         loss = trained(**batch).loss
     assert torch.isfinite(loss)

@@ -34,7 +34,8 @@ import make_data
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
 from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor, to_rgb_image
 from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, make_tokenizer, text_config, vision_config
-from tokenpacker_hf.training import CardExample, LlavaDataset, TokenPackerCollator, apply_preset, model_card
+from tokenpacker_hf.hub import CardExample, model_card
+from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_preset
 
 QUESTION = make_data.PROMPT.replace("<image>", "").strip()
 MODEL_CARD_REPO = "examples/models/tokenpacker-digits"  # where the shipped model lives, relative to the repo root

@@ -24,12 +24,33 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub.errors import StrictDataclassError
+from huggingface_hub.utils import (
+    HFValidationError,
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+    validate_repo_id,
+)
 from PIL import Image
-from transformers import TextStreamer
+from safetensors import SafetensorError
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    TextStreamer,
+    set_seed,
+)
+from transformers.utils import logging as transformers_logging
 
+# The package's own import registers the Auto classes, so the installed code is used for any folder loaded here.
 from . import __version__
-from .hub import ModelFiles, locate_repo, one_line
+from .compose import compose_pretrained
+from .convert_tokenpacker_original import convert_original_checkpoint, remove_stale_staging, staging_folder
+from .hub import ModelFiles, inherited_metadata, locate_repo, model_card, one_line
+from .image_processing_tokenpacker import to_rgb_image
 
 DTYPES = ("float32", "bfloat16", "float16")
 DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
@@ -161,20 +182,17 @@ def quiet_transformers(quiet: bool) -> Iterator[None]:
     if not quiet:
         yield
         return
-    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
-    from transformers.utils import logging
-
-    verbosity, bars = logging.get_verbosity(), logging.is_progress_bar_enabled()
+    verbosity, bars = transformers_logging.get_verbosity(), transformers_logging.is_progress_bar_enabled()
     hub_bars = not are_progress_bars_disabled()
-    logging.disable_progress_bar()
-    logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
     enable_progress_bars() if hub_bars else disable_progress_bars()
     try:
         yield
     finally:
-        logging.set_verbosity(verbosity)
+        transformers_logging.set_verbosity(verbosity)
         if bars:
-            logging.enable_progress_bar()
+            transformers_logging.enable_progress_bar()
         enable_progress_bars() if hub_bars else disable_progress_bars()
 
 
@@ -192,8 +210,6 @@ def locate_model(model: str, revision: str | None = None) -> ModelFiles:
             raise UsageError(f"{model} is not a model folder: it has no config.json")
         files = frozenset(item.relative_to(path).as_posix() for item in path.rglob("*") if item.is_file())
         return ModelFiles(model, files, cached_only=False)
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(model)
     except HFValidationError:
@@ -205,8 +221,6 @@ def locate_model(model: str, revision: str | None = None) -> ModelFiles:
 
 def available_devices() -> list[str]:
     """The devices this machine can run on, as `--device` spells them: cpu, then each CUDA/XPU index, then mps."""
-    import torch
-
     devices = ["cpu"]
     for kind in ("cuda", "xpu"):
         backend = getattr(torch, kind, None)
@@ -219,8 +233,6 @@ def available_devices() -> list[str]:
 
 def resolve_device(name: str | None) -> str:
     """`--device` checked before anything is loaded: a known device type that this machine has."""
-    import torch
-
     devices = available_devices()
     if name is None:
         return "cuda" if any(device.startswith("cuda") for device in devices) else "cpu"
@@ -239,8 +251,6 @@ def resolve_device(name: str | None) -> str:
 
 def load_images(paths: list[str]) -> list[Any]:
     """Opens each image as RGB, naming the file that is missing or unreadable."""
-    from .image_processing_tokenpacker import to_rgb_image
-
     images = []
     for path in paths:
         if not Path(path).is_file():
@@ -258,8 +268,6 @@ def load_pretrained(loader: Any, source: ModelFiles, what: str, **kwargs: Any) -
     The installed package's classes are used, never the folder's own code: `trust_remote_code=False` also keeps
     transformers from asking on stdin whether to run it.
     """
-    from safetensors import SafetensorError
-
     try:
         return loader.from_pretrained(
             source.name, revision=source.revision, local_files_only=source.cached_only, trust_remote_code=False,
@@ -275,10 +283,6 @@ def load_pretrained(loader: Any, source: ModelFiles, what: str, **kwargs: Any) -
 
 def load_tokenpacker_config(source: ModelFiles) -> Any:
     """The model's config, refused unless it is a TokenPacker one."""
-    from transformers import AutoConfig
-
-    import tokenpacker_hf  # noqa: F401  (registers the Auto classes, so the installed code is used)
-
     config = load_pretrained(AutoConfig, source, "config")
     if config.model_type != "tokenpacker":
         raise UsageError(f"{source.name} holds a {config.model_type!r} model, not a TokenPacker one")
@@ -307,9 +311,6 @@ def load_model(args: argparse.Namespace) -> tuple[Any, Any, str]:
     """
     device = resolve_device(args.device)
     source = locate_model(args.model, revision=args.revision)
-    import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     load_tokenpacker_config(source)
     processor = load_pretrained(AutoProcessor, source, "processor")
     options = {"dtype": getattr(torch, args.dtype)}
@@ -363,9 +364,6 @@ def generate(args: argparse.Namespace) -> str | None:
     check_generation_options(args)
     images = load_images(args.image)
     model, processor, device = load_model(args)
-    import torch
-    from transformers import set_seed
-
     if args.seed is not None:
         set_seed(args.seed)
     inputs = chat_inputs(processor, images, args.prompt, device)
@@ -379,7 +377,7 @@ def generate(args: argparse.Namespace) -> str | None:
 
 def demo(args: argparse.Namespace) -> None:
     """Serves the demo page until interrupted (see `tokenpacker_hf.demo`)."""
-    from .demo import serve
+    from .demo import serve  # here, not at the top: `demo` imports this module
 
     serve(args)
 
@@ -387,8 +385,6 @@ def demo(args: argparse.Namespace) -> None:
 def describe_image_processor(source: ModelFiles) -> str:
     """The image mode line of `info`: "none saved" only when no processor config exists; a damaged one is an
     error, since a folder whose processor cannot load cannot be used for generation."""
-    from transformers import AutoImageProcessor
-
     if not source.files.intersection(PROCESSOR_CONFIGS):
         return "image processor: none saved"
     image_processor = load_pretrained(AutoImageProcessor, source, "image processor")
@@ -417,8 +413,6 @@ def info(args: argparse.Namespace) -> str:
 
 def convert(args: argparse.Namespace) -> str:
     """Converts an original checkpoint; returns the output folder."""
-    from .convert_tokenpacker_original import convert_original_checkpoint
-
     dst = convert_original_checkpoint(
         args.src,
         args.dst,
@@ -440,25 +434,14 @@ UNTRAINED_NOTE = (
 def init(args: argparse.Namespace) -> str:
     """Composes a new model folder (weights, config, remote code, processor, model card) from a pretrained vision
     tower and LLM; returns the folder. Nothing is left at OUTPUT when anything fails."""
-    import torch
-
-    from . import TokenPackerForConditionalGeneration, TokenPackerProcessor
-    from .convert_tokenpacker_original import remove_stale_staging, staging_folder
-    from .training import inherited_metadata, model_card
-
     dst = Path(args.output)
     remove_stale_staging(dst)
     if dst.exists() and (not dst.is_dir() or any(dst.iterdir())):
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
     parts = (args.vision_tower, args.language_model)
-    config = {"scale_factor": args.scale_factor}
-    if args.region_feature_layers:
-        config["region_feature_layers"] = args.region_feature_layers
-    processor = TokenPackerProcessor.from_vision_text_pretrained(
-        *parts, image_mode=args.image_mode, max_slices=args.max_slices, **config
-    )
-    model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(
-        *parts, processor=processor, dtype=getattr(torch, args.dtype), **config
+    model, processor = compose_pretrained(
+        *parts, scale_factor=args.scale_factor, region_feature_layers=args.region_feature_layers,
+        image_mode=args.image_mode, max_slices=args.max_slices, dtype=getattr(torch, args.dtype),
     )
     license, datasets = inherited_metadata(parts)
     card = model_card(model.config, str(dst), image_processor=processor.image_processor, license=license,

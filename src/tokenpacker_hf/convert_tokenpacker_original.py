@@ -38,12 +38,19 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
+from transformers import AddedToken, AutoTokenizer, CLIPVisionConfig, GenerationConfig
+from transformers.dynamic_module_utils import custom_object_save
 
-from .hub import HubError, locate_repo, one_line
+from .configuration_tokenpacker import TokenPackerConfig
+from .hub import HubError, inherited_metadata, locate_repo, model_card, one_line
+from .image_processing_tokenpacker import TokenPackerImageProcessor
+from .modeling_tokenpacker import TokenPackerForConditionalGeneration
+from .processing_tokenpacker import TokenPackerProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -201,8 +208,6 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
     name = str(name_or_path)
     if path.exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", name):
         raise FileNotFoundError(f"{what} {name!r} is neither a folder nor a Hugging Face Hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
     # One quick request first: a missing repo or an unreachable Hub is a clear error in seconds, where the
     # download below would retry each file for minutes.
     try:
@@ -439,8 +444,6 @@ def infer_clip_vision_config(tower: Mapping[str, torch.Tensor]) -> dict:
 
 def load_vision_config(folder: Path) -> dict:
     """The vision config of a CLIPModel or CLIPVisionModel folder, as a dict."""
-    from transformers import CLIPVisionConfig
-
     try:
         return CLIPVisionConfig.from_pretrained(folder).to_dict()
     except (OSError, ValueError) as error:
@@ -484,8 +487,6 @@ def projector_settings(shapes: Mapping[str, torch.Tensor], vision_width: int) ->
 def build_config(original: dict, vision_config: dict, projector: dict, scale_factor: int, vocab_size: int,
                  image_token_id: int, dtype: torch.dtype):  # fmt: skip
     """The `TokenPackerConfig` of the converted model."""
-    from .configuration_tokenpacker import TokenPackerConfig
-
     select_feature = original.get("mm_vision_select_feature", "patch")
     if select_feature != "patch":
         raise ConversionError(
@@ -542,8 +543,6 @@ def check_tokenizer_dependencies(folder: Path) -> None:
 def prepare_tokenizer(folder: Path, vocab_size: int):
     """The checkpoint's tokenizer with `<image>` added as a special token (the original splices images at id
     -200 and has none). Returns the tokenizer and the embedding rows the model needs."""
-    from transformers import AddedToken, AutoTokenizer
-
     check_tokenizer_dependencies(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -560,8 +559,6 @@ def prepare_tokenizer(folder: Path, vocab_size: int):
 def expected_shapes(config) -> dict[str, torch.Size]:
     """Key -> shape of every weight `TokenPackerForConditionalGeneration(config)` saves, from a meta-device
     model (no memory): the LM head is left out when it is tied to the embeddings."""
-    from .modeling_tokenpacker import TokenPackerForConditionalGeneration
-
     with torch.device("meta"):
         model = TokenPackerForConditionalGeneration(config)
     shapes = {key: tensor.shape for key, tensor in model.state_dict().items()}
@@ -652,11 +649,6 @@ def write_weights(plan: list[tuple[Path, bool]], folder: Path, dtype: torch.dtyp
 def write_model_files(config, folder: Path, original_folder: Path, image_token_id: int) -> None:
     """config.json with `auto_map`, the remote-code modules (through transformers' own `custom_object_save`,
     as `save_pretrained` does) and generation_config.json."""
-    from transformers import GenerationConfig
-    from transformers.dynamic_module_utils import custom_object_save
-
-    from .modeling_tokenpacker import TokenPackerForConditionalGeneration
-
     with torch.device("meta"):
         model = TokenPackerForConditionalGeneration(config)
     custom_object_save(model, folder, config=config)
@@ -673,9 +665,6 @@ def write_model_files(config, folder: Path, original_folder: Path, image_token_i
 def build_processor(config, tokenizer, image_mode: str, max_slices: int):
     """The processor of the converted model: image mode and slice limit of the original, its `,` / `\\n`
     separators (looked up in the tokenizer as the original does) and the vicuna_v1 chat template."""
-    from .image_processing_tokenpacker import TokenPackerImageProcessor
-    from .processing_tokenpacker import TokenPackerProcessor
-
     image_processor = TokenPackerImageProcessor.from_vision_config(
         config.vision_config, image_mode=image_mode, max_slices=max_slices
     )
@@ -687,10 +676,6 @@ def write_model_card(config, folder: Path, processor, sources: list[Path], name:
     """Writes the card into `folder` (the staging folder). `model_id` is what the reader loads: the pushed repo,
     else the destination as the user named it, never the staging folder. The license and datasets are those the
     cards of the `sources` folders (the checkpoint `name`, and the vision tower when it came separately) state."""
-    from huggingface_hub import ModelCard
-
-    from .training import inherited_metadata, model_card
-
     license, datasets = inherited_metadata([str(source) for source in sources])
     card = model_card(
         config,
@@ -917,8 +902,6 @@ def _checkpoint_dtype(original: dict, shapes: Mapping[str, torch.Tensor]) -> tor
 def upload_converted(folder: Path, repo_id: str) -> None:
     """Uploads the converted `folder` to `repo_id`. A failure is an [`UploadError`] that says the folder is kept:
     the conversion itself succeeded, and redoing it to retry the upload would waste the user's time."""
-    from huggingface_hub import HfApi, constants
-
     api = HfApi()
     try:
         api.create_repo(repo_id, exist_ok=True)

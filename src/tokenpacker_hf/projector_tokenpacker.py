@@ -2,12 +2,9 @@
 """The TokenPacker projector (coarse-to-fine region-to-point injection) and the baseline projectors of the
 paper's comparison, all with one interface: `forward(query_features, region_features) -> [B, T, D_text]`."""
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
@@ -96,6 +93,13 @@ class TokenPackerMLP(nn.Module):
         return self.fc2(self.act(self.fc1(hidden_states)))
 
 
+class TokenPackerInProjection(nn.Linear):
+    """A query, key or value Linear of the region attention. Its own type tells `_init_weights` to initialise it
+    as the original's `nn.MultiheadAttention` initialises its in-projection (Xavier-uniform), where every other
+    projector Linear gets N(0, 0.02). The attention module cannot be the one recognised: transformers does not
+    call `_init_weights` on a parameterless module of a model defined outside the library."""
+
+
 class TokenPackerRegionAttention(nn.Module):
     """Region-to-point attention: multi-head attention of one point query over the s² keys of its own region.
 
@@ -112,14 +116,10 @@ class TokenPackerRegionAttention(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.scaling = self.head_dim**-0.5
         self.is_causal = False
-        self.q_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.k_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        self.v_proj = nn.Linear(self.embed_dim, self.embed_dim)
+        self.q_proj = TokenPackerInProjection(self.embed_dim, self.embed_dim)
+        self.k_proj = TokenPackerInProjection(self.embed_dim, self.embed_dim)
+        self.v_proj = TokenPackerInProjection(self.embed_dim, self.embed_dim)
         self.o_proj = nn.Linear(self.embed_dim, self.embed_dim)
-        for projection in (self.q_proj, self.k_proj, self.v_proj):
-            # Read by `init_in_projection`. A flag on the Linear itself: transformers never calls `_init_weights`
-            # on a parameterless module such as this one in a model defined outside the library.
-            projection.is_attention_in_projection = True
 
     def _split_heads(self, states: torch.Tensor) -> torch.Tensor:
         regions, length, _ = states.shape
@@ -253,21 +253,10 @@ def build_projector(config: TokenPackerConfig) -> nn.Module:
     return PROJECTOR_CLASSES[config.projector_type](config)
 
 
-def init_in_projection(module: nn.Module) -> bool:
-    """Xavier-initialises one of the region attention's q/k/v Linears as `nn.MultiheadAttention` initialises its
-    stacked `[3E, E]` in-projection (bias 0); returns False for any other module, which keeps transformers'
-    N(0, 0.02) / zero-bias init, the original's `_init_weights` for every other projector Linear."""
-    if not getattr(module, "is_attention_in_projection", False):
-        return False
-    bound = math.sqrt(6.0 / (module.in_features + 3 * module.out_features))  # fan_out of all three thirds
-    init.uniform_(module.weight, -bound, bound)
-    init.zeros_(module.bias)
-    return True
-
-
 __all__ = [
     "TokenPackerProjector",
     "TokenPackerRegionAttention",
+    "TokenPackerInProjection",
     "MLPProjector",
     "AvgPoolProjector",
     "PixelShuffleProjector",

@@ -73,7 +73,8 @@ class OriginalTokenPacker(nn.Module):
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:
-        """Spec §1.6: Linears (incl. the MHA out_proj) trunc-normal(0.02) with zero bias; LayerNorm 1/0.
+        """The authors' `TokenPacker._init_weights`: Linears (incl. the MHA out_proj) trunc-normal(0.02) with zero bias;
+        LayerNorm 1/0.
 
         `in_proj_weight` keeps PyTorch's Xavier-uniform init (with zero `in_proj_bias`).
         """
@@ -103,7 +104,7 @@ class OriginalTokenPacker(nn.Module):
         return x.permute(2, 0, 1, 3, 4).reshape(k * k, -1, c)
 
     def forward(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        """Spec §1.2 steps 0-8.
+        """The authors' `TokenPacker.forward`, step by step.
 
         Args:
             x: `(features [N, raw_grid², kv_dim], features_multi [N, raw_grid², num_levels·kv_dim])`, the tuple

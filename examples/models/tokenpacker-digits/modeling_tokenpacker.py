@@ -2,11 +2,13 @@
 """TokenPacker multimodal model: a vision tower, the TokenPacker projector and any causal language model,
 following transformers' own LLaVA (v5) so `generate`, beam search, PEFT and the Trainer work unchanged."""
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -14,7 +16,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils import can_return_tuple, torch_compilable_check
 
 from .configuration_tokenpacker import TokenPackerConfig
-from .projector_tokenpacker import build_projector, init_in_projection
+from .projector_tokenpacker import TokenPackerInProjection, build_projector
 
 # The KV cache's name in outputs, language-model forwards and `generate`: transformers 5.24 renamed
 # `past_key_values` to `cache`. Read off the installed output class, so a saved folder keeps working on both.
@@ -97,7 +99,13 @@ class TokenPackerPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module):
-        if not init_in_projection(module):
+        if isinstance(module, TokenPackerInProjection):
+            # One third of `nn.MultiheadAttention`'s stacked [3E, E] in-projection: Xavier-uniform over its fan-out
+            # of 3E, bias 0.
+            bound = math.sqrt(6.0 / (module.in_features + 3 * module.out_features))
+            init.uniform_(module.weight, -bound, bound)
+            init.zeros_(module.bias)
+        else:
             super()._init_weights(module)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
@@ -124,12 +132,6 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         self.multi_modal_projector = build_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module):
-        self.language_model.set_input_embeddings(value)
 
     def _check_pixel_values(self, pixel_values: torch.Tensor):
         size = self.config.vision_config.image_size
@@ -349,15 +351,6 @@ class TokenPackerForConditionalGeneration(TokenPackerPreTrainedModel, Generation
             if len(processor.tokenizer) != config.text_config.vocab_size:
                 model.resize_token_embeddings(len(processor.tokenizer))
         return model.eval()
-
-    def get_input_embeddings(self) -> nn.Module:
-        return self.model.get_input_embeddings()
-
-    def set_input_embeddings(self, value: nn.Module):
-        self.model.set_input_embeddings(value)
-
-    def get_output_embeddings(self) -> nn.Module:
-        return self.lm_head
 
     def get_image_features(
         self, pixel_values: torch.Tensor, image_grids: torch.Tensor | list[torch.Tensor] | None = None, **kwargs
