@@ -203,7 +203,7 @@ def assert_initialised_like_the_original(projector: nn.Module) -> None:
     assert in_projections == 3
 
 
-@pytest.mark.parametrize("path", ["constructor", "from_pretrained without projector weights"])
+@pytest.mark.parametrize("path", ["constructor", "from_pretrained_without_projector"])
 def test_projector_init_is_the_originals_on_every_path(tmp_path, path):
     """A new model (`post_init`), and a checkpoint that lacks the projector, whose weights transformers then
     initialises as missing keys."""
