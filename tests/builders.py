@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import socket
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,13 +31,16 @@ def make_model(seed: int = 0, **config_overrides) -> TokenPackerForConditionalGe
     return TokenPackerForConditionalGeneration(tiny_config(**config_overrides)).eval()
 
 
-def make_processor(image_mode: str = "pad", padding_side: str = "left", **kwargs) -> TokenPackerProcessor:
-    """The tiny model's processor: the byte-level tokenizer padding on `padding_side`, images in `image_mode` at
-    the tiny tower's 16 px tiles (up to 9 slices), and processor `kwargs` (separators, chat template)."""
+def make_processor(
+    image_mode: str = "pad", padding_side: str = "left", tokenizer: Any = None, **kwargs
+) -> TokenPackerProcessor:
+    """The tiny model's processor: `tokenizer` (default: the byte-level one padding on `padding_side`), images in
+    `image_mode` at the tiny tower's 16 px tiles (up to 9 slices), and processor `kwargs` (separators, chat
+    template)."""
     config = tiny_config()
     image_processor = TokenPackerImageProcessor.from_vision_config(config.vision_config, image_mode=image_mode)
     return TokenPackerProcessor.from_config(
-        config, image_processor=image_processor, tokenizer=make_tokenizer(padding_side), **kwargs
+        config, image_processor=image_processor, tokenizer=tokenizer or make_tokenizer(padding_side), **kwargs
     )
 
 

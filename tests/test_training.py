@@ -184,10 +184,7 @@ def test_collator_pads_and_orders_pixels_by_batch(tmp_path):
 
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_collator_masks_by_length_when_the_row_separator_is_the_pad_id(side):
-    processor = TokenPackerProcessor.from_config(
-        tiny_config(), tokenizer=make_tokenizer(padding_side="right"), row_separator=0
-    )
-    processor.image_processor.image_mode = "slice"
+    processor = make_processor("slice", padding_side="right", row_separator=0)
     pad_id = processor.tokenizer.pad_token_id
     assert processor.separator_ids[1] == pad_id
     image_turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "Wide."}]

@@ -8,7 +8,8 @@ import pytest
 import torch
 from packaging.version import Version
 from PIL import Image
-from tiny import make_tokenizer, tiny_config
+from builders import make_processor
+from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor
@@ -19,9 +20,7 @@ trl = pytest.importorskip("trl")
 
 
 def tiny_processor(image_mode: str = "pad") -> TokenPackerProcessor:
-    processor = TokenPackerProcessor.from_config(tiny_config(), tokenizer=make_tokenizer(padding_side="right"))
-    processor.image_processor.image_mode = image_mode
-    return processor
+    return make_processor(image_mode, padding_side="right")  # TRL pads on the right
 
 
 def image(width: int, height: int, red: int) -> Image.Image:

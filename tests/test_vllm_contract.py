@@ -22,6 +22,7 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
+import builders
 from tiny import make_tokenizer, tiny_config
 from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
 from tokenpacker_hf.modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
@@ -32,10 +33,8 @@ TILE = 16  # its tile size
 
 
 def make_processor(image_mode: str = "slice", tokenizer: Any = None, **kwargs) -> TokenPackerProcessor:
-    image_processor = TokenPackerImageProcessor(image_mode=image_mode, tile_size=TILE, max_slices=9)
-    return TokenPackerProcessor.from_config(
-        tiny_config(), image_processor=image_processor, tokenizer=tokenizer or make_tokenizer(), **kwargs
-    )
+    """The shared tiny processor, in slice mode unless told otherwise: most of vLLM's contract is about HD."""
+    return builders.make_processor(image_mode, tokenizer=tokenizer, **kwargs)
 
 
 def noise_image(width: int, height: int, seed: int = 0) -> Image.Image:

@@ -649,10 +649,12 @@ class TokenPackerProcessor(ProcessorMixin):
         """Pads after expansion with `pad_expanded`, and the per-token character `offsets` to the same lengths
         with (0, 0) as a tokenizer's are."""
         side = text_kwargs.get("padding_side") or self.tokenizer.padding_side
+        padding = text_kwargs.get("padding", False)
+        # `max_length` also bounds truncation; padding reads it only when asked to pad to it.
+        max_length = text_kwargs.get("max_length") if padding == "max_length" else None
         padded = pad_expanded(
-            self.tokenizer, sequences, padding=text_kwargs.get("padding", False),
-            max_length=text_kwargs.get("max_length"), pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"),
-            padding_side=side,
+            self.tokenizer, sequences, padding=padding, max_length=max_length,
+            pad_to_multiple_of=text_kwargs.get("pad_to_multiple_of"), padding_side=side,
         )  # fmt: skip
         offset_mapping = [
             pad_row(positions, len(ids) - len(sequence), (0, 0), side)
