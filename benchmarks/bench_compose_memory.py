@@ -1,5 +1,6 @@
 """Peak memory of composing a new TokenPacker model from a pretrained vision tower and a pretrained LLM
-(`TokenPackerProcessor.from_vision_text_pretrained` + `TokenPackerForConditionalGeneration.from_vision_text_pretrained`).
+(`TokenPackerProcessor.from_vision_text_pretrained` +
+`TokenPackerForConditionalGeneration.from_vision_text_pretrained`).
 
 Writes a synthetic pair, zero-filled float16 safetensors (memory does not depend on values): a CLIP ViT-L/14-336
 `CLIPVisionModel` folder and a Llama `LlamaForCausalLM` folder in several shards with a 32000-token tokenizer
@@ -68,8 +69,11 @@ def write_zero_safetensors(model, folder: Path, shards: int) -> int:
     weight_map, total = {}, 0
     for index, keys in enumerate(groups, start=1):
         name = f"model-{index:05d}-of-{len(groups):05d}.safetensors"
-        save_file({key: torch.zeros(shapes[key][0], dtype=torch.float16) for key in keys}, folder / name,
-                  metadata={"format": "pt"})
+        save_file(
+            {key: torch.zeros(shapes[key][0], dtype=torch.float16) for key in keys},
+            folder / name,
+            metadata={"format": "pt"},
+        )
         weight_map.update(dict.fromkeys(keys, name))
         total += (folder / name).stat().st_size
     (folder / "model.safetensors.index.json").write_text(
@@ -139,9 +143,11 @@ def main() -> None:
     }
     write_report(report, args.output)
     baseline_text = "-" if baseline is None else f"{baseline / gib:.2f} GiB"
-    print(f"| tower + LLM | peak RSS | peak / model | import baseline |\n|---|---|---|---|\n"
-          f"| {tower_bytes / gib:.2f} + {llm_bytes / gib:.2f} GiB ({llm_shards} shards) | {peak / gib:.2f} GiB | "
-          f"{report['peak_over_model']:.2f} | {baseline_text} |")
+    print(
+        f"| tower + LLM | peak RSS | peak / model | import baseline |\n|---|---|---|---|\n"
+        f"| {tower_bytes / gib:.2f} + {llm_bytes / gib:.2f} GiB ({llm_shards} shards) | {peak / gib:.2f} GiB | "
+        f"{report['peak_over_model']:.2f} | {baseline_text} |"
+    )
     print(f"composed in {seconds:.0f} s; wrote {args.output}")
 
 

@@ -81,7 +81,9 @@ def original_shapes(args: argparse.Namespace) -> tuple[dict, dict, dict]:
             ),
             "": LlamaForCausalLM(LlamaConfig(**llama)),
         }  # fmt: skip
-    shapes = {prefix + key: (t.shape, torch.float16) for prefix, m in modules.items() for key, t in m.state_dict().items()}
+    shapes = {
+        prefix + key: (t.shape, torch.float16) for prefix, m in modules.items() for key, t in m.state_dict().items()
+    }
     head_dim = args.hidden // llama["num_attention_heads"]
     for layer in range(args.layers):  # transformers 4.31 saved Llama's rotary buffers
         shapes[f"model.layers.{layer}.self_attn.rotary_emb.inv_freq"] = (torch.Size([head_dim // 2]), torch.float32)
@@ -143,8 +145,12 @@ def machine_and_versions() -> dict:
     """What a memory figure depends on besides the checkpoint: the machine and the library versions."""
     return {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()} {platform.release()}",
-        "versions": {"python": platform.python_version(), "torch": version("torch"),
-                     "transformers": version("transformers"), "safetensors": version("safetensors")},  # fmt: skip
+        "versions": {
+            "python": platform.python_version(),
+            "torch": version("torch"),
+            "transformers": version("transformers"),
+            "safetensors": version("safetensors"),
+        },  # fmt: skip
     }
 
 

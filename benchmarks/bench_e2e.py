@@ -96,10 +96,13 @@ def bench_base(models: dict[str, nn.Module], shapes: Shapes, args) -> dict[str, 
     """Per batch size: interleaved repeats of a full request per model, medians per stage."""
     out: dict[str, Any] = {}
     for batch in args.batch_sizes:
-        requests = {name: base_request(model, name, shapes, batch, model.dtype, args.device)
-                    for name, model in models.items()}
-        jobs = [(name, lambda m=model, r=requests[name]: run_request(m, r, args.decode_tokens, args.device))
-                for name, model in models.items()]
+        requests = {
+            name: base_request(model, name, shapes, batch, model.dtype, args.device) for name, model in models.items()
+        }
+        jobs = [
+            (name, lambda m=model, r=requests[name]: run_request(m, r, args.decode_tokens, args.device))
+            for name, model in models.items()
+        ]
         # The first call of each model pays one-off costs (allocator growth, kernel selection). On CPU the
         # batch-1 warm-up serves the larger batches too: warming up at batch 16 would cost minutes per model.
         if batch == 1 or args.device.startswith("cuda"):
@@ -112,8 +115,11 @@ def bench_base(models: dict[str, nn.Module], shapes: Shapes, args) -> dict[str, 
         for name in models:
             timing = medians(runs[name])
             out[str(batch)][name] = {
-                "image_tokens": requests[name].image_tokens, "seq_len": requests[name].input_ids.shape[1],
-                "repeats": repeats, "median_s": timing, "runs": runs[name],
+                "image_tokens": requests[name].image_tokens,
+                "seq_len": requests[name].input_ids.shape[1],
+                "repeats": repeats,
+                "median_s": timing,
+                "runs": runs[name],
                 "kv_cache_bytes_per_image": (int(timing["kv_cache_bytes"]) - text_kv) // batch,
             }
     return out
@@ -148,24 +154,37 @@ def bench_hd(models: dict[str, nn.Module], shapes: Shapes, base: dict[str, Any],
     per_tile_source = {"llava-next": BASELINE, "tokenpacker-s2": "tokenpacker-s2"}
     out: dict[str, Any] = {}
     for label, grid in shapes.hd_grids.items():
-        requests = {name: hd_request(model, name, shapes, grid, model.dtype, args.device)
-                    for name, model in contenders.items()}
+        requests = {
+            name: hd_request(model, name, shapes, grid, model.dtype, args.device) for name, model in contenders.items()
+        }
         if args.hd_vision == "measure":
-            jobs = [(name, lambda m=model, r=requests[name]: run_request(m, r, 0, args.device))
-                    for name, model in contenders.items()]
+            jobs = [
+                (name, lambda m=model, r=requests[name]: run_request(m, r, 0, args.device))
+                for name, model in contenders.items()
+            ]
         else:
-            jobs = [(name, lambda m=model, r=requests[name]: prefill_only(m, r, args.device))
-                    for name, model in contenders.items()]
+            jobs = [
+                (name, lambda m=model, r=requests[name]: prefill_only(m, r, args.device))
+                for name, model in contenders.items()
+            ]
         runs = interleaved(jobs, args.hd_repeats, f"HD {label} ({args.hd_vision})")
         out[label] = {}
         for name in contenders:
             tiles = grid[0] * grid[1] + 1
             timing = medians(runs[name])
-            timing["ttft_extrapolated"] = tiles * per_tile_image_seconds(base, per_tile_source[name]) + timing["prefill"]
-            out[label][name] = {"grid": list(grid), "tiles": tiles, "side_px": grid[0] * shapes.tile,
-                                "image_tokens": requests[name].image_tokens,
-                                "seq_len": requests[name].input_ids.shape[1], "repeats": args.hd_repeats,
-                                "vision": args.hd_vision, "median_s": timing}
+            timing["ttft_extrapolated"] = (
+                tiles * per_tile_image_seconds(base, per_tile_source[name]) + timing["prefill"]
+            )
+            out[label][name] = {
+                "grid": list(grid),
+                "tiles": tiles,
+                "side_px": grid[0] * shapes.tile,
+                "image_tokens": requests[name].image_tokens,
+                "seq_len": requests[name].input_ids.shape[1],
+                "repeats": args.hd_repeats,
+                "vision": args.hd_vision,
+                "median_s": timing,
+            }
             if args.check:
                 out[label][name]["pipeline_matches_forward"] = check_pipeline(contenders[name], requests[name])
     return out
@@ -200,6 +219,7 @@ def bench_projector_step(shapes: Shapes, args: argparse.Namespace) -> dict[str, 
                 projector(*inputs)
                 synchronize(args.device)
             return {"projector": time.perf_counter() - start}
+
         return run
 
     jobs = [(name, job(name)) for name in projectors]
@@ -210,8 +230,12 @@ def bench_projector_step(shapes: Shapes, args: argparse.Namespace) -> dict[str, 
     rows = {}
     for name in projectors:
         flops = base_flops if name == BASELINE else tokenpacker_projector_flops(wide, wide.text, int(name[-1]), 1)
-        rows[name] = {"median_s": statistics.median(run["projector"] for run in runs[name]), "flops": flops,
-                      "flop_ratio": flops / base_flops, "repeats": len(runs[name])}
+        rows[name] = {
+            "median_s": statistics.median(run["projector"] for run in runs[name]),
+            "flops": flops,
+            "flop_ratio": flops / base_flops,
+            "repeats": len(runs[name]),
+        }
     for row in rows.values():
         row["ratio"] = row["median_s"] / rows[BASELINE]["median_s"]
     return {"text_hidden_size": wide.text["hidden_size"], "rows": rows}
@@ -228,8 +252,20 @@ def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, dict
         return memory_probe(names, smoke_shapes(), args.decode_tokens, DTYPES[args.dtype])
     results = {}
     for name in tqdm(names, desc="peak memory (fresh subprocess per model)"):
-        command = [sys.executable, os.path.abspath(__file__), "--memory-probe", name, "--threads", str(args.threads),
-                   "--decode-tokens", str(args.decode_tokens), "--dtype", args.dtype, "--llm", args.llm]
+        command = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--memory-probe",
+            name,
+            "--threads",
+            str(args.threads),
+            "--decode-tokens",
+            str(args.decode_tokens),
+            "--dtype",
+            args.dtype,
+            "--llm",
+            args.llm,
+        ]
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         results.update(json.loads(output.strip().splitlines()[-1]))
     return results
@@ -241,21 +277,31 @@ def measure_memory(names: list[str], args: argparse.Namespace) -> dict[str, dict
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, seconds; checks the pipeline")
-    parser.add_argument("--repeats", type=int, default=None,
-                        help="interleaved repeats at batch 1 (CPU 3, CUDA 10, smoke 1)")
+    parser.add_argument(
+        "--repeats", type=int, default=None, help="interleaved repeats at batch 1 (CPU 3, CUDA 10, smoke 1)"
+    )
     parser.add_argument("--batch-repeats", type=int, default=None, help="repeats at larger batches (CPU 1, CUDA 5)")
     parser.add_argument("--hd-repeats", type=int, default=None, help="(CPU 1, CUDA 5)")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=None, help="default 1 4 16 (smoke 1 2)")
     parser.add_argument("--decode-tokens", type=int, default=16)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default=None,
-                        help="default fp32 on CPU, bf16 on CUDA")
-    parser.add_argument("--llm", choices=["cpu", "7b"], default=None,
-                        help="LLM shape: 'cpu' (hidden 1024, 8 layers) or Vicuna-7B; default 7b on CUDA")
-    parser.add_argument("--hd-vision", choices=["measure", "extrapolate"], default=None,
-                        help="HD vision + projector time: run it, or tiles × the 336 px per-tile time "
-                             "(default: measure on CUDA and in smoke runs, extrapolate on CPU)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16", "fp16"], default=None, help="default fp32 on CPU, bf16 on CUDA"
+    )
+    parser.add_argument(
+        "--llm",
+        choices=["cpu", "7b"],
+        default=None,
+        help="LLM shape: 'cpu' (hidden 1024, 8 layers) or Vicuna-7B; default 7b on CUDA",
+    )
+    parser.add_argument(
+        "--hd-vision",
+        choices=["measure", "extrapolate"],
+        default=None,
+        help="HD vision + projector time: run it, or tiles × the 336 px per-tile time "
+        "(default: measure on CUDA and in smoke runs, extrapolate on CPU)",
+    )
     parser.add_argument("--no-hd", dest="hd", action="store_false")
     parser.add_argument("--out", default=None, help="JSON result (default benchmarks/results/e2e_<device>.json)")
     parser.add_argument("--plot", default=None, help="also render TTFT / KV bytes vs tokens to this PNG")
@@ -283,13 +329,18 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     names = model_names(shapes) + (["llava-next"] if args.hd else [])
     models = build_models(names, shapes, dtype, args.device)
     base_models = {name: models[name] for name in model_names(shapes)}
-    results: dict[str, Any] = {"env": environment(args), "smoke": args.smoke, "decode_tokens": args.decode_tokens,
-                               "shapes": {**asdict(shapes), "hd_grids": {k: list(v) for k, v in shapes.hd_grids.items()}},
-                               "prompt_text_tokens": PROMPT_TEXT_TOKENS}
+    results: dict[str, Any] = {
+        "env": environment(args),
+        "smoke": args.smoke,
+        "decode_tokens": args.decode_tokens,
+        "shapes": {**asdict(shapes), "hd_grids": {k: list(v) for k, v in shapes.hd_grids.items()}},
+        "prompt_text_tokens": PROMPT_TEXT_TOKENS,
+    }
     if args.check:
         results["pipeline_matches_forward"] = {
             name: check_pipeline(model, base_request(model, name, shapes, 2, dtype, args.device))
-            for name, model in base_models.items()}
+            for name, model in base_models.items()
+        }
     results["base"] = bench_base(base_models, shapes, args)
     results["projector_step"] = bench_projector_step(shapes, args)
     if args.hd:
@@ -297,8 +348,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     del models, base_models
     gc.collect()
     if args.device.startswith("cuda"):
-        results["memory"] = measure_memory_cuda(build_models(model_names(shapes), shapes, dtype, args.device),
-                                                shapes, args)
+        results["memory"] = measure_memory_cuda(
+            build_models(model_names(shapes), shapes, dtype, args.device), shapes, args
+        )
     else:
         results["memory"] = measure_memory(model_names(shapes), args)
     add_ratios(results, shapes, torch.tensor([], dtype=dtype).element_size())

@@ -51,7 +51,6 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import e2e_models  # noqa: E402
-from e2e_report import cpu_model, describe_llm  # noqa: E402
 from bench_projector import (  # noqa: E402
     DTYPES,
     FULL,
@@ -63,21 +62,44 @@ from bench_projector import (  # noqa: E402
     time_call,
     time_interleaved,
 )
+from e2e_report import cpu_model, describe_llm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-            "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+BACKENDS = {
+    "flash": SDPBackend.FLASH_ATTENTION,
+    "efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "cudnn": SDPBackend.CUDNN_ATTENTION,
+    "math": SDPBackend.MATH,
+}
 # The aten op `scaled_dot_product_attention` dispatches to names the backend (CPU's flash is `..._for_cpu`).
-SDPA_OPS = {"_scaled_dot_product_flash_attention": "flash", "_scaled_dot_product_efficient_attention": "efficient",
-            "_scaled_dot_product_cudnn_attention": "cudnn", "_scaled_dot_product_attention_math": "math"}
+SDPA_OPS = {
+    "_scaled_dot_product_flash_attention": "flash",
+    "_scaled_dot_product_efficient_attention": "efficient",
+    "_scaled_dot_product_cudnn_attention": "cudnn",
+    "_scaled_dot_product_attention_math": "math",
+}
 # Substrings of device kernel names per backend; the projector has no softmax of its own, so one means the math path.
-KERNEL_HINTS = {"flash": ("flash",), "efficient": ("fmha", "efficient", "mem_eff"),
-                "cudnn": ("cudnn", "fort_native_sdpa"), "math": ("softmax",)}
+KERNEL_HINTS = {
+    "flash": ("flash",),
+    "efficient": ("fmha", "efficient", "mem_eff"),
+    "cudnn": ("cudnn", "fort_native_sdpa"),
+    "math": ("softmax",),
+}
 # Max |compiled - eager| allowed, relative to max |eager|: fused kernels round intermediates differently, by up to
 # a few units in the last place of the dtype (bf16 has 8 bits of mantissa).
 COMPILE_TOLERANCE = {torch.bfloat16: 2**-5, torch.float32: 1e-4}
-PACKAGES = ("transformers", "huggingface_hub", "tokenizers", "safetensors", "accelerate", "peft", "numpy", "pillow",
-            "tqdm", "packaging")
+PACKAGES = (
+    "transformers",
+    "huggingface_hub",
+    "tokenizers",
+    "safetensors",
+    "accelerate",
+    "peft",
+    "numpy",
+    "pillow",
+    "tqdm",
+    "packaging",
+)
 
 
 def write(out: Path, result: dict[str, Any]) -> None:
@@ -89,9 +111,16 @@ def write(out: Path, result: dict[str, Any]) -> None:
 def header(args: argparse.Namespace, part: str) -> dict[str, Any]:
     """What every part's JSON starts with."""
     device_name = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else cpu_model()
-    return {"benchmark": f"gpu_extras.{part}", "smoke": args.smoke, "device": args.device, "device_name": device_name,
-            "dtype": args.dtype, "torch": torch.__version__, "transformers": transformers.__version__,
-            "complete": False}
+    return {
+        "benchmark": f"gpu_extras.{part}",
+        "smoke": args.smoke,
+        "device": args.device,
+        "device_name": device_name,
+        "dtype": args.dtype,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "complete": False,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- env
@@ -115,8 +144,11 @@ def requirements_met() -> dict[str, dict[str, Any]]:
     met = {}
     for requirement in map(Requirement, dependencies):
         found = installed(requirement.name)
-        met[requirement.name] = {"required": str(requirement.specifier), "installed": found,
-                                 "ok": found is not None and requirement.specifier.contains(found, prereleases=True)}
+        met[requirement.name] = {
+            "required": str(requirement.specifier),
+            "installed": found,
+            "ok": found is not None and requirement.specifier.contains(found, prereleases=True),
+        }
     return met
 
 
@@ -128,21 +160,29 @@ def part_env(args: argparse.Namespace) -> dict[str, Any]:
     source = Path(tokenpacker_hf.__file__).resolve().parent
     result["tokenpacker_hf"] = str(source.relative_to(REPO)) if source.is_relative_to(REPO) else str(source)
     result.update(
-        python=platform.python_version(), cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version(),
-        packages={name: installed(name) for name in PACKAGES}, requirements=requirements_met(),
+        python=platform.python_version(),
+        cuda=torch.version.cuda,
+        cudnn=torch.backends.cudnn.version(),
+        packages={name: installed(name) for name in PACKAGES},
+        requirements=requirements_met(),
         c_compiler=shutil.which("cc") or shutil.which("gcc") or shutil.which("clang"),
         python_h=(Path(sysconfig.get_paths()["include"]) / "Python.h").exists(),
     )
     if args.device.startswith("cuda"):
         properties = torch.cuda.get_device_properties(args.device)
-        result.update(capability=list(torch.cuda.get_device_capability(args.device)),
-                      device_memory_bytes=properties.total_memory, multiprocessors=properties.multi_processor_count)
+        result.update(
+            capability=list(torch.cuda.get_device_capability(args.device)),
+            device_memory_bytes=properties.total_memory,
+            multiprocessors=properties.multi_processor_count,
+        )
     result["ok"] = all(row["ok"] for row in result["requirements"].values())
     result["complete"] = True
     write(args.out, result)
-    print(f"python {result['python']}, torch {result['torch']} (CUDA {result['cuda']}, cuDNN {result['cudnn']}), "
-          f"transformers {result['transformers']}, device {result['device_name']}; tokenpacker_hf from "
-          f"{result['tokenpacker_hf']}; C compiler {result['c_compiler']}, Python.h {result['python_h']}")
+    print(
+        f"python {result['python']}, torch {result['torch']} (CUDA {result['cuda']}, cuDNN {result['cudnn']}), "
+        f"transformers {result['transformers']}, device {result['device_name']}; tokenpacker_hf from "
+        f"{result['tokenpacker_hf']}; C compiler {result['c_compiler']}, Python.h {result['python_h']}"
+    )
     for name, row in result["requirements"].items():
         if not row["ok"]:
             print(f"UNMET: {name} {row['required']}, found {row['installed']}")
@@ -165,9 +205,11 @@ def try_backend(fn: Callable[[], torch.Tensor], backend: SDPBackend) -> tuple[to
 
 def restricted(fn: Callable[[], torch.Tensor], backend: SDPBackend) -> Callable[[], torch.Tensor]:
     """`fn` that runs with only `backend` allowed."""
+
     def call() -> torch.Tensor:
         with sdpa_kernel([backend]):
             return fn()
+
     return call
 
 
@@ -209,14 +251,18 @@ def profile_call(fn: Callable[[], torch.Tensor], device: str) -> dict[str, Any]:
     events = profiler.key_averages()
     sdpa_ops = sorted({event.key for event in events if "scaled_dot_product" in event.key})
     kernels = sorted(
-        ({"name": event.key[:200], "calls": event.count, "device_us": event.device_time_total}
-         for event in events if event.device_type == torch.autograd.DeviceType.CUDA),
+        (
+            {"name": event.key[:200], "calls": event.count, "device_us": event.device_time_total}
+            for event in events
+            if event.device_type == torch.autograd.DeviceType.CUDA
+        ),
         key=lambda kernel: -kernel["device_us"],
     )
-    hints = {backend: sorted({kernel["name"] for kernel in kernels if any(h in kernel["name"].lower() for h in keys)})
-             for backend, keys in KERNEL_HINTS.items()}
-    return {"sdpa_ops": sdpa_ops, "backend_taken": backend_of(sdpa_ops), "kernels": kernels[:40],
-            "kernel_hints": hints}
+    hints = {
+        backend: sorted({kernel["name"] for kernel in kernels if any(h in kernel["name"].lower() for h in keys)})
+        for backend, keys in KERNEL_HINTS.items()
+    }
+    return {"sdpa_ops": sdpa_ops, "backend_taken": backend_of(sdpa_ops), "kernels": kernels[:40], "kernel_hints": hints}
 
 
 def part_sdpa(args: argparse.Namespace) -> dict[str, Any]:
@@ -229,14 +275,19 @@ def part_sdpa(args: argparse.Namespace) -> dict[str, Any]:
         with torch.inference_mode():
             fn = partial(projector, query, region)
             fn()  # warm-up outside the profiler: the first call pays one-off initialisation
-            row = {"batch": batch, "backends": backend_rows(fn, args.device, args.repeats, args.budget_s),
-                   "profile": profile_call(fn, args.device)}
+            row = {
+                "batch": batch,
+                "backends": backend_rows(fn, args.device, args.repeats, args.budget_s),
+                "profile": profile_call(fn, args.device),
+            }
         result["rows"].append(row)
         write(args.out, result)
         ran = [name for name, backend in row["backends"].items() if backend["ok"] and name != "default"]
-        print(f"batch {batch}: default takes {row['profile']['backend_taken']} "
-              f"({row['backends']['default']['ms']:.3f} ms); alone, these run: "
-              + ", ".join(f"{name} {row['backends'][name]['ms']:.3f} ms" for name in ran))
+        print(
+            f"batch {batch}: default takes {row['profile']['backend_taken']} "
+            f"({row['backends']['default']['ms']:.3f} ms); alone, these run: "
+            + ", ".join(f"{name} {row['backends'][name]['ms']:.3f} ms" for name in ran)
+        )
     result["complete"] = True
     write(args.out, result)
     return result
@@ -244,8 +295,12 @@ def part_sdpa(args: argparse.Namespace) -> dict[str, Any]:
 
 def attention_shapes(shapes: Shapes) -> dict[str, int]:
     """Per image: T point queries, each attending to s² keys, with `heads` heads of `head_dim`."""
-    return {"queries_per_image": (shapes.grid // shapes.scale_factor) ** 2, "keys_per_query": shapes.scale_factor**2,
-            "heads": shapes.heads, "head_dim": shapes.width // shapes.heads}
+    return {
+        "queries_per_image": (shapes.grid // shapes.scale_factor) ** 2,
+        "keys_per_query": shapes.scale_factor**2,
+        "heads": shapes.heads,
+        "head_dim": shapes.width // shapes.heads,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- compile
@@ -263,15 +318,23 @@ def compile_row(projector: nn.Module, shapes: Shapes, batch: int, mode: str, arg
         row["compile_s"] = time_call(lambda: compiled(query, region), args.device)
         for _ in range(2):  # reduce-overhead records its CUDA graph on a later call than the first
             compiled(query, region)
-        medians = time_interleaved({"eager": lambda: projector(query, region),
-                                    "compiled": lambda: compiled(query, region)},
-                                   args.device, args.repeats, args.budget_s)
+        medians = time_interleaved(
+            {"eager": lambda: projector(query, region), "compiled": lambda: compiled(query, region)},
+            args.device,
+            args.repeats,
+            args.budget_s,
+        )
         output = compiled(query, region).clone()  # a CUDA graph's output is overwritten by its next replay
     difference = (output.float() - eager.float()).abs().max().item()
     scale = eager.float().abs().max().item()
-    row.update(eager_ms=medians["eager"] * 1e3, compiled_ms=medians["compiled"] * 1e3,
-               speedup=medians["eager"] / medians["compiled"], max_abs_diff=difference, max_abs_eager=scale,
-               close=difference <= COMPILE_TOLERANCE[dtype] * scale)
+    row.update(
+        eager_ms=medians["eager"] * 1e3,
+        compiled_ms=medians["compiled"] * 1e3,
+        speedup=medians["eager"] / medians["compiled"],
+        max_abs_diff=difference,
+        max_abs_eager=scale,
+        close=difference <= COMPILE_TOLERANCE[dtype] * scale,
+    )
     return row
 
 
@@ -279,14 +342,19 @@ def part_compile(args: argparse.Namespace) -> dict[str, Any]:
     """`compile_row` for each mode and batch; a row that fails records its error and the others still run."""
     shapes = SMOKE if args.smoke else FULL
     projector = build_pair(shapes)[0].to(args.device, DTYPES[args.dtype])
-    result = header(args, "compile") | {"shapes": asdict(shapes), "tolerance": COMPILE_TOLERANCE[DTYPES[args.dtype]],
-                                        "rows": []}
+    result = header(args, "compile") | {
+        "shapes": asdict(shapes),
+        "tolerance": COMPILE_TOLERANCE[DTYPES[args.dtype]],
+        "rows": [],
+    }
     for batch in args.batches:
         for mode in args.compile_modes:
             try:
                 row = compile_row(projector, shapes, batch, mode, args)
-                print(f"batch {batch} {mode}: compile {row['compile_s']:.1f} s, eager {row['eager_ms']:.3f} ms, "
-                      f"compiled {row['compiled_ms']:.3f} ms, max abs diff {row['max_abs_diff']:.2e}")
+                print(
+                    f"batch {batch} {mode}: compile {row['compile_s']:.1f} s, eager {row['eager_ms']:.3f} ms, "
+                    f"compiled {row['compiled_ms']:.3f} ms, max abs diff {row['max_abs_diff']:.2e}"
+                )
             except Exception as error:  # e.g. no C compiler for Triton: the finding, and the next row may work
                 row = {"batch": batch, "mode": mode, "error": f"{type(error).__name__}: {str(error)[:600]}"}
                 print(f"batch {batch} {mode}: {row['error']}")
@@ -326,13 +394,19 @@ def train_row(model: nn.Module, name: str, shapes: e2e_models.Shapes, args: argp
         step()
     seconds = [time_call(step, args.device) for _ in range(args.train_steps)]
     median = statistics.median(seconds)
-    row = {"batch": args.train_batch, "seq_len": request.input_ids.shape[1], "image_tokens": request.image_tokens,
-           "trainable_parameters": sum(parameter.numel() for parameter in parameters),
-           "vision_tower_trainable": any(p.requires_grad for p in model.model.vision_tower.parameters()),
-           "steps": len(seconds), "median_step_s": median, "steps_per_s": 1 / median,
-           "samples_per_s": args.train_batch / median, "losses": losses,
-           "peak_memory_bytes": torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda")
-           else None}
+    row = {
+        "batch": args.train_batch,
+        "seq_len": request.input_ids.shape[1],
+        "image_tokens": request.image_tokens,
+        "trainable_parameters": sum(parameter.numel() for parameter in parameters),
+        "vision_tower_trainable": any(p.requires_grad for p in model.model.vision_tower.parameters()),
+        "steps": len(seconds),
+        "median_step_s": median,
+        "steps_per_s": 1 / median,
+        "samples_per_s": args.train_batch / median,
+        "losses": losses,
+        "peak_memory_bytes": torch.cuda.max_memory_allocated(args.device) if args.device.startswith("cuda") else None,
+    }
     return row
 
 
@@ -342,14 +416,15 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
     shapes = e2e_models.smoke_shapes() if args.smoke else e2e_models.full_shapes("7b")
     names = [e2e_models.BASELINE, "tokenpacker-s2"]
     models = e2e_models.build_models(names, shapes, DTYPES[args.dtype], args.device)
-    result = header(args, "train") | {"llm": describe_llm(shapes.text), "optimizer": "AdamW (fused)",
-                                      "rows": {}}
+    result = header(args, "train") | {"llm": describe_llm(shapes.text), "optimizer": "AdamW (fused)", "rows": {}}
     for name in names:
         try:
             result["rows"][name] = train_row(models[name], name, shapes, args)
             row = result["rows"][name]
-            print(f"{name}: {row['steps_per_s']:.2f} steps/s, {row['samples_per_s']:.1f} samples/s "
-                  f"(batch {row['batch']}, {row['seq_len']} tokens each)")
+            print(
+                f"{name}: {row['steps_per_s']:.2f} steps/s, {row['samples_per_s']:.1f} samples/s "
+                f"(batch {row['batch']}, {row['seq_len']} tokens each)"
+            )
         except torch.cuda.OutOfMemoryError as error:  # the other model may still fit: record and go on
             result["rows"][name] = {"error": f"OutOfMemoryError: {str(error)[:300]}"}
             print(f"{name}: out of memory")
@@ -358,8 +433,9 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
         write(args.out, result)
     rows = result["rows"]
     if all("steps_per_s" in row for row in rows.values()):
-        result["tokenpacker_s2_steps_per_s_ratio"] = rows["tokenpacker-s2"]["steps_per_s"] / rows[
-            e2e_models.BASELINE]["steps_per_s"]
+        result["tokenpacker_s2_steps_per_s_ratio"] = (
+            rows["tokenpacker-s2"]["steps_per_s"] / rows[e2e_models.BASELINE]["steps_per_s"]
+        )
     result["complete"] = True
     write(args.out, result)
     return result
@@ -378,19 +454,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     parser.add_argument("--out", type=Path, required=True, help="JSON result")
-    parser.add_argument("--batches", type=int, nargs="+", default=None,
-                        help="projector batches for sdpa and compile (default sdpa 1 8 32, compile 1 8)")
+    parser.add_argument(
+        "--batches",
+        type=int,
+        nargs="+",
+        default=None,
+        help="projector batches for sdpa and compile (default sdpa 1 8 32, compile 1 8)",
+    )
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per variant (default 50, smoke 3)")
-    parser.add_argument("--budget-s", type=float, default=None,
-                        help="approximate timed seconds per comparison, caps the repeats (default 3, smoke 0.5)")
+    parser.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="approximate timed seconds per comparison, caps the repeats (default 3, smoke 0.5)",
+    )
     parser.add_argument("--compile-modes", nargs="+", default=["default", "reduce-overhead"])
     parser.add_argument("--train-batch", type=int, default=None, help="samples per step (default 8, smoke 2)")
     parser.add_argument("--train-warmup", type=int, default=None, help="untimed steps first (default 2, smoke 1)")
     parser.add_argument("--train-steps", type=int, default=None, help="timed steps (default 6, smoke 2)")
     args = parser.parse_args(argv)
-    defaults = dict(batches=[1, 8] if args.part == "compile" else [1, 8, 32], repeats=3 if args.smoke else 50,
-                    budget_s=0.5 if args.smoke else 3.0, train_batch=2 if args.smoke else 8,
-                    train_warmup=1 if args.smoke else 2, train_steps=2 if args.smoke else 6)
+    defaults = dict(
+        batches=[1, 8] if args.part == "compile" else [1, 8, 32],
+        repeats=3 if args.smoke else 50,
+        budget_s=0.5 if args.smoke else 3.0,
+        train_batch=2 if args.smoke else 8,
+        train_warmup=1 if args.smoke else 2,
+        train_steps=2 if args.smoke else 6,
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -138,8 +138,11 @@ def markdown(report: dict) -> str:
         cells = [f"{row[column]['growth_mib']:.0f} MiB ({row[column]['growth_mib'] / row['rgb_copy_mib']:.2f} × "
                  f"RGB), {row[column]['seconds']:.2f} s" for column in columns]  # fmt: skip
         ratio = row["exact_over_box_reduce"]
-        lines.append(f"| {row['photo']} ({row['width']}×{row['height']}, grid {tuple(row['exact']['grid'])}) | "
-                     + " | ".join(cells) + f" | {ratio['growth_mib']:.2f} × RSS, {ratio['seconds']:.2f} × time |")
+        lines.append(
+            f"| {row['photo']} ({row['width']}×{row['height']}, grid {tuple(row['exact']['grid'])}) | "
+            + " | ".join(cells)
+            + f" | {ratio['growth_mib']:.2f} × RSS, {ratio['seconds']:.2f} × time |"
+        )
     return "\n".join(lines)
 
 

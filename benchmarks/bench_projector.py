@@ -44,11 +44,11 @@ import transformers
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from reference.original_tokenpacker import OriginalTokenPacker, random_init_  # noqa: E402
-
 from tokenpacker_hf import TokenPackerConfig  # noqa: E402
 from tokenpacker_hf.convert_tokenpacker_original import convert_original_projector_state_dict  # noqa: E402
 from tokenpacker_hf.projector_tokenpacker import TokenPackerProjector  # noqa: E402
+
+from reference.original_tokenpacker import OriginalTokenPacker, random_init_  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -98,8 +98,14 @@ def build_pair(shapes: Shapes, seed: int = 0) -> tuple[TokenPackerProjector, Ori
         seed,
     ).eval()
     config = TokenPackerConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=shapes.vision_width, num_attention_heads=1,
-                           num_hidden_layers=shapes.levels, image_size=shapes.grid * 14, patch_size=14),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=shapes.vision_width,
+            num_attention_heads=1,
+            num_hidden_layers=shapes.levels,
+            image_size=shapes.grid * 14,
+            patch_size=14,
+        ),
         text_config=dict(model_type="llama", hidden_size=shapes.text_width, num_attention_heads=1),
         region_feature_layers=list(range(1, shapes.levels + 1)),
         scale_factor=shapes.scale_factor,
@@ -164,8 +170,15 @@ def matmul_gflops(size: int, dtype: torch.dtype, device: str, repeats: int) -> f
 
 
 def bench_config(
-    shapes: Shapes, ours: TokenPackerProjector, oracle: OriginalTokenPacker, batch: int, dtype_name: str,
-    device: str, repeats: int, budget_s: float, matmul: float,
+    shapes: Shapes,
+    ours: TokenPackerProjector,
+    oracle: OriginalTokenPacker,
+    batch: int,
+    dtype_name: str,
+    device: str,
+    repeats: int,
+    budget_s: float,
+    matmul: float,
 ) -> dict:
     """Times both implementations for one (batch, dtype) and compares their outputs."""
     dtype = DTYPES[dtype_name]
@@ -175,12 +188,18 @@ def bench_config(
     with torch.inference_mode():
         medians = time_interleaved(
             {"ours": lambda: ours(query, region), "original": lambda: oracle((query, region))},
-            device, repeats, budget_s,
+            device,
+            repeats,
+            budget_s,
         )
         difference = (ours(query, region).float() - oracle((query, region)).float()).abs().max().item()
     flops = shapes.flops_per_image() * batch
-    row = {"batch": batch, "dtype": dtype_name, "max_abs_diff": difference,
-           "speedup_vs_original": medians["original"] / medians["ours"]}
+    row = {
+        "batch": batch,
+        "dtype": dtype_name,
+        "max_abs_diff": difference,
+        "speedup_vs_original": medians["original"] / medians["ours"],
+    }
     for name, seconds in medians.items():
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_images_per_s"] = batch / seconds
@@ -190,8 +209,12 @@ def bench_config(
 
 
 def machine_info(device: str) -> dict:
-    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-            "python": platform.python_version(), "cpu_count": os.cpu_count()}
+    info = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "python": platform.python_version(),
+        "cpu_count": os.cpu_count(),
+    }
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -219,14 +242,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny shapes and few repeats (for tests)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per implementation (median)")
-    parser.add_argument("--budget-s", type=float, default=30.0,
-                        help="approximate timed seconds per config; caps the repeats (min 3)")
+    parser.add_argument(
+        "--budget-s", type=float, default=30.0, help="approximate timed seconds per config; caps the repeats (min 3)"
+    )
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--dtypes", nargs="+", choices=sorted(DTYPES), default=["fp32", "bf16"])
-    parser.add_argument("--matmul-size", type=int,
-                        help="side of the reference square matmul (default 2048, smoke 128); a big GPU needs "
-                             "~8192 to reach its peak rate")
+    parser.add_argument(
+        "--matmul-size",
+        type=int,
+        help="side of the reference square matmul (default 2048, smoke 128); a big GPU needs "
+        "~8192 to reach its peak rate",
+    )
     parser.add_argument("--out", type=Path, help="JSON result (default benchmarks/results/projector_<device>.json)")
     return parser.parse_args(argv)
 
@@ -245,10 +272,17 @@ def main(argv: list[str] | None = None) -> dict:
     for dtype_name in args.dtypes:
         matmul[dtype_name] = matmul_gflops(shapes.matmul_size, DTYPES[dtype_name], args.device, repeats)
         for batch in args.batches:
-            rows.append(bench_config(shapes, ours, oracle, batch, dtype_name, args.device, repeats,
-                                     args.budget_s, matmul[dtype_name]))
-            print(f"batch {batch} {dtype_name}: ours {rows[-1]['ours_ms']:.2f} ms, "
-                  f"original {rows[-1]['original_ms']:.2f} ms", file=sys.stderr, flush=True)
+            rows.append(
+                bench_config(
+                    shapes, ours, oracle, batch, dtype_name, args.device, repeats, args.budget_s, matmul[dtype_name]
+                )
+            )
+            print(
+                f"batch {batch} {dtype_name}: ours {rows[-1]['ours_ms']:.2f} ms, "
+                f"original {rows[-1]['original_ms']:.2f} ms",
+                file=sys.stderr,
+                flush=True,
+            )
     fp32_diffs = [r["max_abs_diff"] for r in rows if r["dtype"] == "fp32"]
     result = {
         "benchmark": "projector",
@@ -265,14 +299,20 @@ def main(argv: list[str] | None = None) -> dict:
         "matmul_gflops": matmul,
         "results": rows,
         "max_abs_diff": max(fp32_diffs) if fp32_diffs else None,
-        "targets": {"cpu": "ours no slower than original", "cuda": "ours >= 2x original at batch 1",
-                    "max_abs_diff_fp32": 1e-5},
+        "targets": {
+            "cpu": "ours no slower than original",
+            "cuda": "ours >= 2x original at batch 1",
+            "max_abs_diff_fp32": 1e-5,
+        },
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(markdown_table(rows))
-    print(f"\nplain {shapes.matmul_size}² matmul GFLOP/s: "
-          + ", ".join(f"{k} {v:.1f}" for k, v in matmul.items()) + f"; threads {result['threads']}; wrote {out}")
+    print(
+        f"\nplain {shapes.matmul_size}² matmul GFLOP/s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in matmul.items())
+        + f"; threads {result['threads']}; wrote {out}"
+    )
     return result
 
 

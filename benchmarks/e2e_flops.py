@@ -26,9 +26,14 @@ def tokenpacker_projector_flops(shapes: Shapes, text: dict, scale: int, tiles: i
     """The projector benchmark's analytic count (region MLPs, point query, region-to-point attention,
     output MLP) with this run's widths."""
     vision = shapes.vision
-    projector = ProjectorShapes(grid=shapes.grid, vision_width=vision["hidden_size"],
-                                levels=len(shapes.region_feature_layers), width=vision["hidden_size"],
-                                text_width=text["hidden_size"], scale_factor=scale)
+    projector = ProjectorShapes(
+        grid=shapes.grid,
+        vision_width=vision["hidden_size"],
+        levels=len(shapes.region_feature_layers),
+        width=vision["hidden_size"],
+        text_width=text["hidden_size"],
+        scale_factor=scale,
+    )
     return tiles * projector.flops_per_image()
 
 
@@ -41,18 +46,23 @@ def llm_prefill_flops(text: dict, seq: int) -> float:
     return linear + attention + 2 * d * text["vocab_size"]
 
 
-def ttft_flops(name: str, shapes: Shapes, text: dict, image_tokens: int, tiles: int = 1,
-               seq: int | None = None) -> dict[str, float]:
+def ttft_flops(
+    name: str, shapes: Shapes, text: dict, image_tokens: int, tiles: int = 1, seq: int | None = None
+) -> dict[str, float]:
     """FLOPs per stage of the time to first token (batch 1)."""
     seq = seq if seq is not None else PROMPT_TEXT_TOKENS + image_tokens
     vision = shapes.vision
     if name in (BASELINE, "llava-next"):
-        stages = {"vision": vision_flops(vision, vision["num_hidden_layers"], tiles),
-                  "projector": tiles * mlp_projector_flops(vision, text, shapes.grid**2)}
+        stages = {
+            "vision": vision_flops(vision, vision["num_hidden_layers"], tiles),
+            "projector": tiles * mlp_projector_flops(vision, text, shapes.grid**2),
+        }
     else:
         deepest = max(tokenpacker_config(shapes, int(name[-1])).vision_layers_needed)
-        stages = {"vision": vision_flops(vision, deepest, tiles),
-                  "projector": tokenpacker_projector_flops(shapes, text, int(name[-1]), tiles)}
+        stages = {
+            "vision": vision_flops(vision, deepest, tiles),
+            "projector": tokenpacker_projector_flops(shapes, text, int(name[-1]), tiles),
+        }
     stages["prefill"] = llm_prefill_flops(text, seq)
     stages["ttft"] = sum(stages.values())
     return stages

@@ -15,7 +15,6 @@ from e2e_models import IMAGE_TOKEN_ID, Request, Shapes, base_request, build_one,
 from torch import nn
 from transformers import DynamicCache
 
-
 # --------------------------------------------------------------------------------------------------------- timing
 
 
@@ -103,8 +102,10 @@ def check_pipeline(model: nn.Module, request: Request) -> bool:
     with torch.inference_mode():
         features, _ = image_features(model, request, "cpu")
         token, _ = prefill(model, request.input_ids, features)
-        kwargs = {("image_sizes" if "image_sizes" in request.image_kwargs else "image_grids"): v
-                  for v in request.image_kwargs.values()}
+        kwargs = {
+            ("image_sizes" if "image_sizes" in request.image_kwargs else "image_grids"): v
+            for v in request.image_kwargs.values()
+        }
         logits = model(input_ids=request.input_ids, pixel_values=request.pixel_values, **kwargs).logits
     return bool(torch.equal(logits[:, -1:].argmax(-1), token))
 

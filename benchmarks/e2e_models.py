@@ -53,18 +53,31 @@ class Shapes:
 
 
 CLIP_L_336 = dict(
-    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-    image_size=336, patch_size=14, projection_dim=768,
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    projection_dim=768,
 )
 # Vicuna-7B's shape, for the FLOP model only: what the ratios become where the LLM dominates.
 VICUNA_7B = dict(
-    hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
-    num_key_value_heads=32, vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
 )
 # A Llama a CPU runs in minutes: Vicuna's layout (MHA, SwiGLU ratio 2.75, vocab 32000) at 1/4 width, 1/4 depth.
 LLAMA_CPU = dict(
-    hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-    num_key_value_heads=16, vocab_size=32000,
+    hidden_size=1024,
+    intermediate_size=2816,
+    num_hidden_layers=8,
+    num_attention_heads=16,
+    num_key_value_heads=16,
+    vocab_size=32000,
 )
 
 
@@ -72,20 +85,43 @@ def full_shapes(llm: str) -> Shapes:
     """CLIP-L/336 with the chosen LLM; HD grids are the largest of max_slices 9 and 16 (a square image)."""
     text = dict(VICUNA_7B if llm == "7b" else LLAMA_CPU, max_position_embeddings=16384)
     return Shapes(
-        vision=dict(CLIP_L_336), text=text, region_feature_layers=[12, 16, 22, 23], scale_factors=[2, 3, 4],
-        hd_grids={"max_slices=9": (3, 3), "max_slices=16": (4, 4)}, text_7b=dict(VICUNA_7B),
+        vision=dict(CLIP_L_336),
+        text=text,
+        region_feature_layers=[12, 16, 22, 23],
+        scale_factors=[2, 3, 4],
+        hd_grids={"max_slices=9": (3, 3), "max_slices=16": (4, 4)},
+        text_7b=dict(VICUNA_7B),
     )
 
 
 def smoke_shapes() -> Shapes:
     """Seconds-long shapes that keep every code path: a 12×12 patch grid divisible by 2, 3 and 4."""
-    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                  image_size=48, patch_size=4, projection_dim=32)
-    text = dict(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, vocab_size=300, max_position_embeddings=4096)
-    return Shapes(vision=vision, text=text, region_feature_layers=[1, 2, 3], scale_factors=[2, 3, 4],
-                  hd_grids={"max_slices=9": (3, 3), "max_slices=16": (4, 4)},
-                  text_7b=dict(text, hidden_size=192, intermediate_size=384))
+    vision = dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=48,
+        patch_size=4,
+        projection_dim=32,
+    )
+    text = dict(
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=300,
+        max_position_embeddings=4096,
+    )
+    return Shapes(
+        vision=vision,
+        text=text,
+        region_feature_layers=[1, 2, 3],
+        scale_factors=[2, 3, 4],
+        hd_grids={"max_slices=9": (3, 3), "max_slices=16": (4, 4)},
+        text_7b=dict(text, hidden_size=192, intermediate_size=384),
+    )
 
 
 # --------------------------------------------------------------------------------------------------------- models
@@ -95,15 +131,20 @@ def tokenpacker_config(shapes: Shapes, scale_factor: int) -> TokenPackerConfig:
     return TokenPackerConfig(
         vision_config=dict(shapes.vision, model_type="clip_vision_model"),
         text_config=dict(shapes.text, model_type="llama"),
-        image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2,
-        region_feature_layers=shapes.region_feature_layers, scale_factor=scale_factor,
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        region_feature_layers=shapes.region_feature_layers,
+        scale_factor=scale_factor,
     )
 
 
 def llava_config(shapes: Shapes) -> LlavaConfig:
     return LlavaConfig(
-        vision_config=CLIPVisionConfig(**shapes.vision), text_config=LlamaConfig(**shapes.text),
-        image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2, projector_hidden_act="gelu",
+        vision_config=CLIPVisionConfig(**shapes.vision),
+        text_config=LlamaConfig(**shapes.text),
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        projector_hidden_act="gelu",
     )
 
 
@@ -112,8 +153,11 @@ def llava_next_config(shapes: Shapes) -> LlavaNextConfig:
     side = max(max(grid) for grid in shapes.hd_grids.values())
     pinpoints = [[a * shapes.tile, b * shapes.tile] for a in range(1, side + 1) for b in range(1, side + 1)]
     return LlavaNextConfig(
-        vision_config=CLIPVisionConfig(**shapes.vision), text_config=LlamaConfig(**shapes.text),
-        image_token_index=IMAGE_TOKEN_ID, vision_feature_layer=-2, image_grid_pinpoints=pinpoints,
+        vision_config=CLIPVisionConfig(**shapes.vision),
+        text_config=LlamaConfig(**shapes.text),
+        image_token_index=IMAGE_TOKEN_ID,
+        vision_feature_layer=-2,
+        image_grid_pinpoints=pinpoints,
     )
 
 
@@ -168,7 +212,7 @@ def prompt_ids(image_layout: list[int], batch: int, vocab: int, device: str) -> 
     """`[B, L]`: BOS, a few text ids, the image layout, the rest of the ~40 text ids (same for every model)."""
     generator = torch.Generator().manual_seed(1)
     text = torch.randint(IMAGE_TOKEN_ID + 1, vocab, (PROMPT_TEXT_TOKENS - 1,), generator=generator).tolist()
-    ids = [1] + text[:TEXT_BEFORE_IMAGE - 1] + image_layout + text[TEXT_BEFORE_IMAGE - 1:]
+    ids = [1] + text[: TEXT_BEFORE_IMAGE - 1] + image_layout + text[TEXT_BEFORE_IMAGE - 1 :]
     return torch.tensor([ids] * batch, device=device)
 
 
@@ -176,8 +220,11 @@ def hd_processor(tokens_per_tile: int, tile_separator: int) -> TokenPackerProces
     """A slice-mode processor, for its `image_token_layout` of one image: `<image>` is `IMAGE_TOKEN_ID` (the tiny
     tokenizer's), the tile separator `tile_separator`, the row separator id 0 (`<unk>` in LLaMA's vocabulary)."""
     return TokenPackerProcessor(
-        image_processor=TokenPackerImageProcessor(image_mode="slice"), tokenizer=make_tokenizer(),
-        num_image_tokens=tokens_per_tile, tile_separator=tile_separator, row_separator=0,
+        image_processor=TokenPackerImageProcessor(image_mode="slice"),
+        tokenizer=make_tokenizer(),
+        num_image_tokens=tokens_per_tile,
+        tile_separator=tile_separator,
+        row_separator=0,
     )
 
 

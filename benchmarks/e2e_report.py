@@ -14,7 +14,6 @@ import transformers
 from e2e_flops import kv_bytes_per_image, ttft_flops
 from e2e_models import BASELINE, Shapes
 
-
 # ----------------------------------------------------------------------------------------------- ratios and goals
 
 
@@ -32,10 +31,12 @@ def add_ratios(results: dict[str, Any], shapes: Shapes, dtype_bytes: int) -> Non
         flops_7b = ttft_flops(name, shapes, shapes.text_7b, tokens)
         flops_7b_base = ttft_flops(BASELINE, shapes, shapes.text_7b, base["image_tokens"])
         row["flops"] = flops
-        row["ratio"] = {stage: measured[stage] / base["median_s"][stage] for stage in ("vision", "projector",
-                                                                                      "prefill", "ttft")}
-        row["ratio"]["decode_tokens_per_s"] = row["decode_tokens_per_s"] / base["decode_tokens_per_s"] \
-            if name != BASELINE else 1.0
+        row["ratio"] = {
+            stage: measured[stage] / base["median_s"][stage] for stage in ("vision", "projector", "prefill", "ttft")
+        }
+        row["ratio"]["decode_tokens_per_s"] = (
+            row["decode_tokens_per_s"] / base["decode_tokens_per_s"] if name != BASELINE else 1.0
+        )
         row["flop_ratio"] = {stage: flops[stage] / flops_base[stage] for stage in flops}
         row["flop_ratio_7b_llm"] = {stage: flops_7b[stage] / flops_7b_base[stage] for stage in flops_7b}
         row["kv_cache_bytes_per_image_formula"] = kv_bytes_per_image(text, tokens, dtype_bytes)
@@ -46,15 +47,16 @@ def add_ratios(results: dict[str, Any], shapes: Shapes, dtype_bytes: int) -> Non
             base_peak = results["memory"][BASELINE]["peak_working_bytes"]
             row["memory"] = dict(mem, ratio=mem["peak_working_bytes"] / base_peak if base_peak > 0 else None)
     for batch, batch_rows in results["base"].items():
-        for name, row in batch_rows.items():
+        for row in batch_rows.values():
             row["images_per_s"] = int(batch) / row["median_s"]["total"]
             row["images_per_s_ratio"] = row["images_per_s"] / (int(batch) / batch_rows[BASELINE]["median_s"]["total"])
-    for label, hd_rows in results.get("hd", {}).items():
+    for hd_rows in results.get("hd", {}).values():
         next_row = hd_rows["llava-next"]
         for name, row in hd_rows.items():
             flops = ttft_flops(name, shapes, text, row["image_tokens"], row["tiles"], row["seq_len"])
-            flops_next = ttft_flops("llava-next", shapes, text, next_row["image_tokens"], next_row["tiles"],
-                                    next_row["seq_len"])
+            flops_next = ttft_flops(
+                "llava-next", shapes, text, next_row["image_tokens"], next_row["tiles"], next_row["seq_len"]
+            )
             key = "ttft" if "ttft" in row["median_s"] else "ttft_extrapolated"
             row["ttft"] = row["median_s"][key]
             row["ttft_ratio"] = row["ttft"] / next_row["median_s"][key]
@@ -69,21 +71,34 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
     s2 = rows["tokenpacker-s2"]
     predicted, measured = s2["flop_ratio"]["ttft"], s2["ratio"]["ttft"]
     grid_tokens = rows[BASELINE]["image_tokens"]
-    kv_exact = {name: row["kv_cache_bytes_per_image"] * grid_tokens ==
-                rows[BASELINE]["kv_cache_bytes_per_image"] * row["image_tokens"] for name, row in rows.items()}
-    slower = {name: [stage for stage in ("vision", "projector", "prefill") if row["ratio"][stage] > 1.0]
-              for name, row in rows.items() if name != BASELINE}
+    kv_exact = {
+        name: row["kv_cache_bytes_per_image"] * grid_tokens
+        == rows[BASELINE]["kv_cache_bytes_per_image"] * row["image_tokens"]
+        for name, row in rows.items()
+    }
+    slower = {
+        name: [stage for stage in ("vision", "projector", "prefill") if row["ratio"][stage] > 1.0]
+        for name, row in rows.items()
+        if name != BASELINE
+    }
     step = results["projector_step"]["rows"]
     step_ratios = {name: row["ratio"] for name, row in step.items() if name != BASELINE}
     return {
-        "ttft_144_within_10pct_of_flop_ratio": {"measured": measured, "predicted": predicted,
-                                                "met": abs(measured / predicted - 1) <= 0.10},
+        "ttft_144_within_10pct_of_flop_ratio": {
+            "measured": measured,
+            "predicted": predicted,
+            "met": abs(measured / predicted - 1) <= 0.10,
+        },
         "kv_per_image_exact_fraction": {"per_model": kv_exact, "met": all(kv_exact.values())},
         "no_stage_slower_than_baseline": {"slower_stages": slower, "met": not any(slower.values())},
-        "projector_step_not_slower_at_7b_width": {"ratio": step_ratios,
-                                                  "met": all(r <= 1.0 for r in step_ratios.values())},
-        "vision_faster": {"ratio": {name: row["ratio"]["vision"] for name, row in rows.items() if name != BASELINE},
-                          "met": all(row["ratio"]["vision"] < 1.0 for name, row in rows.items() if name != BASELINE)},
+        "projector_step_not_slower_at_7b_width": {
+            "ratio": step_ratios,
+            "met": all(r <= 1.0 for r in step_ratios.values()),
+        },
+        "vision_faster": {
+            "ratio": {name: row["ratio"]["vision"] for name, row in rows.items() if name != BASELINE},
+            "met": all(row["ratio"]["vision"] < 1.0 for name, row in rows.items() if name != BASELINE),
+        },
     }
 
 
@@ -93,11 +108,19 @@ def check_targets(results: dict[str, Any]) -> dict[str, Any]:
 def environment(args: argparse.Namespace) -> dict[str, Any]:
     """What the numbers were measured on."""
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else cpu_model()
-    return {"device": args.device, "device_name": device_name, "cpus": os.cpu_count(),
-            "cpu_affinity": sorted(os.sched_getaffinity(0)), "threads": args.threads,
-            "dtype": args.dtype, "attn_implementation": "sdpa", "torch": torch.__version__,
-            "transformers": transformers.__version__, "python": platform.python_version(),
-            "platform": platform.platform()}
+    return {
+        "device": args.device,
+        "device_name": device_name,
+        "cpus": os.cpu_count(),
+        "cpu_affinity": sorted(os.sched_getaffinity(0)),
+        "threads": args.threads,
+        "dtype": args.dtype,
+        "attn_implementation": "sdpa",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
 
 
 def cpu_model() -> str:
@@ -119,13 +142,17 @@ def fmt_bytes(count: float) -> str:
 def markdown(results: dict[str, Any]) -> str:
     """The tables of docs/performance.md."""
     env, rows = results["env"], results["base"]["1"]
-    lines = [f"Device: {env['device_name']} ({env['device']}), {env['threads']} threads, {env['dtype']}, "
-             f"sdpa; torch {env['torch']}, transformers {env['transformers']}. LLM: {describe_llm(results['shapes']['text'])}. "
-             f"Batch 1, medians of {rows[BASELINE]['repeats']} interleaved runs, times in ms; "
-             f"ratios are ours / LLaVA-1.5 (576), FLOP-predicted in brackets.", "",
-             "| model | image tokens | vision | projector | prefill | TTFT | TTFT ratio [FLOPs] "
-             "| decode tok/s (ratio) | KV cache / image (ratio) | peak working memory (ratio) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {env['device_name']} ({env['device']}), {env['threads']} threads, {env['dtype']}, "
+        f"sdpa; torch {env['torch']}, transformers {env['transformers']}. "
+        f"LLM: {describe_llm(results['shapes']['text'])}. "
+        f"Batch 1, medians of {rows[BASELINE]['repeats']} interleaved runs, times in ms; "
+        f"ratios are ours / LLaVA-1.5 (576), FLOP-predicted in brackets.",
+        "",
+        "| model | image tokens | vision | projector | prefill | TTFT | TTFT ratio [FLOPs] "
+        "| decode tok/s (ratio) | KV cache / image (ratio) | peak working memory (ratio) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, row in rows.items():
         m, r, f = row["median_s"], row["ratio"], row["flop_ratio"]
         mem = row.get("memory")
@@ -137,43 +164,69 @@ def markdown(results: dict[str, Any]) -> str:
             f"| {fmt_ms(m['prefill'])} ({r['prefill']:.2f} [{f['prefill']:.2f}]) | {fmt_ms(m['ttft'])} "
             f"| {r['ttft']:.3f} [{f['ttft']:.3f}] | {row['decode_tokens_per_s']:.1f} "
             f"({r['decode_tokens_per_s']:.2f}) | {fmt_bytes(row['kv_cache_bytes_per_image'])} "
-            f"({row['kv_ratio_per_image']:.4f}) | {mem_text} |")
-    lines += ["", "Batched throughput, images/s for a whole request (vision, projector, prefill, "
-              f"{results['decode_tokens']} new tokens), ratio to LLaVA-1.5 in brackets:", "",
-              "| model | " + " | ".join(f"batch {b}" for b in results["base"]) + " |",
-              "|---|" + "---|" * len(results["base"])]
+            f"({row['kv_ratio_per_image']:.4f}) | {mem_text} |"
+        )
+    lines += [
+        "",
+        "Batched throughput, images/s for a whole request (vision, projector, prefill, "
+        f"{results['decode_tokens']} new tokens), ratio to LLaVA-1.5 in brackets:",
+        "",
+        "| model | " + " | ".join(f"batch {b}" for b in results["base"]) + " |",
+        "|---|" + "---|" * len(results["base"]),
+    ]
     for name in rows:
-        cells = [f"{results['base'][b][name]['images_per_s']:.3f} ({results['base'][b][name]['images_per_s_ratio']:.2f})"
-                 for b in results["base"]]
+        cells = [
+            f"{results['base'][b][name]['images_per_s']:.3f} ({results['base'][b][name]['images_per_s_ratio']:.2f})"
+            for b in results["base"]
+        ]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "FLOP-predicted TTFT ratio with a Vicuna-7B-shaped LLM (analytic, not measured): "
-              + ", ".join(f"{name} {row['flop_ratio_7b_llm']['ttft']:.3f}" for name, row in rows.items()
-                          if name != BASELINE) + "."]
+    lines += [
+        "",
+        "FLOP-predicted TTFT ratio with a Vicuna-7B-shaped LLM (analytic, not measured): "
+        + ", ".join(f"{name} {row['flop_ratio_7b_llm']['ttft']:.3f}" for name, row in rows.items() if name != BASELINE)
+        + ".",
+    ]
     if results.get("hd"):
-        lines += ["", "High resolution, one square image, batch 1 (TokenPacker s=2 slice mode vs LLaVA-NeXT anyres):",
-                  "", "| setting | model | tiles | image tokens | prefill | TTFT | TTFT ratio [FLOPs] |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "High resolution, one square image, batch 1 (TokenPacker s=2 slice mode vs LLaVA-NeXT anyres):",
+            "",
+            "| setting | model | tiles | image tokens | prefill | TTFT | TTFT ratio [FLOPs] |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for label, hd_rows in results["hd"].items():
             for name, row in hd_rows.items():
                 side = row["side_px"]
-                lines.append(f"| {label} ({side}×{side} px) | {name} | {row['tiles']} | {row['image_tokens']} "
-                             f"| {fmt_ms(row['median_s']['prefill'])} | {fmt_ms(row['ttft'])} "
-                             f"| {row['ttft_ratio']:.3f} [{row['flop_ratio_ttft']:.3f}] |")
+                lines.append(
+                    f"| {label} ({side}×{side} px) | {name} | {row['tiles']} | {row['image_tokens']} "
+                    f"| {fmt_ms(row['median_s']['prefill'])} | {fmt_ms(row['ttft'])} "
+                    f"| {row['ttft_ratio']:.3f} [{row['flop_ratio_ttft']:.3f}] |"
+                )
     step = results["projector_step"]
-    lines += ["", f"Projector step alone at Vicuna-7B's width (LLM hidden {step['text_hidden_size']}), batch 1, "
-              "ms (ratio to LLaVA-1.5's MLP [FLOPs]):", "", "| model | projector ms | ratio [FLOPs] |", "|---|---|---|"]
+    lines += [
+        "",
+        f"Projector step alone at Vicuna-7B's width (LLM hidden {step['text_hidden_size']}), batch 1, "
+        "ms (ratio to LLaVA-1.5's MLP [FLOPs]):",
+        "",
+        "| model | projector ms | ratio [FLOPs] |",
+        "|---|---|---|",
+    ]
     for name, row in step["rows"].items():
         lines.append(f"| {name} | {row['median_s'] * 1000:,.1f} | {row['ratio']:.2f} [{row['flop_ratio']:.2f}] |")
-    lines += ["", "Targets:"] + [f"- {key}: {'met' if value['met'] else 'NOT met'} "
-                                 f"({json.dumps({k: v for k, v in value.items() if k != 'met'}, default=str)})"
-                                 for key, value in results["targets"].items()]
+    lines += ["", "Targets:"] + [
+        f"- {key}: {'met' if value['met'] else 'NOT met'} "
+        f"({json.dumps({k: v for k, v in value.items() if k != 'met'}, default=str)})"
+        for key, value in results["targets"].items()
+    ]
     return "\n".join(lines)
 
 
 def describe_llm(text: dict) -> str:
-    return (f"Llama, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
-            f"{text['num_attention_heads']} heads ({text['num_key_value_heads']} KV), "
-            f"MLP {text['intermediate_size']}, vocab {text['vocab_size']}")
+    return (
+        f"Llama, hidden {text['hidden_size']}, {text['num_hidden_layers']} layers, "
+        f"{text['num_attention_heads']} heads ({text['num_key_value_heads']} KV), "
+        f"MLP {text['intermediate_size']}, vocab {text['vocab_size']}"
+    )
 
 
 def plot(results: dict[str, Any], path: str) -> None:
@@ -188,20 +241,30 @@ def plot(results: dict[str, Any], path: str) -> None:
     base_ttft = rows[BASELINE]["median_s"]["ttft"]
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     left.plot(tokens, [row["median_s"]["ttft"] * 1000 for row in rows.values()], "o-", label="measured")
-    left.plot(tokens, [row["flop_ratio"]["ttft"] * base_ttft * 1000 for row in rows.values()], "x--",
-              label="FLOP-predicted (scaled to 576)")
+    left.plot(
+        tokens,
+        [row["flop_ratio"]["ttft"] * base_ttft * 1000 for row in rows.values()],
+        "x--",
+        label="FLOP-predicted (scaled to 576)",
+    )
     left.set(xlabel="image tokens per image", ylabel="time to first token (ms)", title="TTFT, batch 1")
     right.plot(tokens, [row["kv_cache_bytes_per_image"] / 2**20 for row in rows.values()], "o-")
     right.set(xlabel="image tokens per image", ylabel="MiB", title="KV cache per image")
     for axis in (left, right):
         axis.grid(alpha=0.3)
         for name, row in rows.items():
-            axis.annotate(name.replace("tokenpacker-", "TP ").replace("llava-1.5-mlp", "LLaVA-1.5"),
-                          (row["image_tokens"], axis.lines[0].get_ydata()[list(rows).index(name)]), fontsize=8)
+            axis.annotate(
+                name.replace("tokenpacker-", "TP ").replace("llava-1.5-mlp", "LLaVA-1.5"),
+                (row["image_tokens"], axis.lines[0].get_ydata()[list(rows).index(name)]),
+                fontsize=8,
+            )
     left.legend()
     env = results["env"]
-    figure.suptitle(f"{env['device_name']}, {env['threads']} threads, {env['dtype']}; "
-                    f"LLM hidden {results['shapes']['text']['hidden_size']} × {results['shapes']['text']['num_hidden_layers']} layers",
-                    fontsize=9)
+    figure.suptitle(
+        f"{env['device_name']}, {env['threads']} threads, {env['dtype']}; "
+        f"LLM hidden {results['shapes']['text']['hidden_size']} × "
+        f"{results['shapes']['text']['num_hidden_layers']} layers",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=110)

@@ -45,32 +45,46 @@ def missing(results: dict[str, Any], stage: str) -> str:
 
 def stages_line(suite: dict[str, Any]) -> str:
     """Seconds per stage, with the exit status of those that failed."""
-    return "Stages: " + ", ".join(
-        f"{name} {s['seconds']} s" + ("" if s["rc"] == 0 else " (skipped)" if s["rc"] is None else f" (exit {s['rc']})")
-        for name, s in suite["stages"].items()) + f"; budget {suite['budget_s']} s" + (
-        ", smoke shapes on a CPU (not figures)." if suite["smoke"] else ".")
+    return (
+        "Stages: "
+        + ", ".join(
+            f"{name} {s['seconds']} s"
+            + ("" if s["rc"] == 0 else " (skipped)" if s["rc"] is None else f" (exit {s['rc']})")
+            for name, s in suite["stages"].items()
+        )
+        + f"; budget {suite['budget_s']} s"
+        + (", smoke shapes on a CPU (not figures)." if suite["smoke"] else ".")
+    )
 
 
 def environment(env: dict[str, Any]) -> list[str]:
     """Device, versions and the compiler torch.compile used."""
-    return [f"{env['device_name']}; python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
-            f"{env['cudnn']}), transformers {env['transformers']}; C compiler {env['c_compiler']}."]
+    return [
+        f"{env['device_name']}; python {env['python']}, torch {env['torch']} (CUDA {env['cuda']}, cuDNN "
+        f"{env['cudnn']}), transformers {env['transformers']}; C compiler {env['c_compiler']}."
+    ]
 
 
 def projector_table(result: dict[str, Any]) -> list[str]:
     """Ours vs the original formulation, TFLOP/s and the fraction of the same run's matmul rate."""
     matmul = result["matmul_gflops"]
-    lines = [f"Plain {result['shapes']['matmul_size']}² matmul: "
-             + ", ".join(f"{dtype} {gflops / 1e3:.1f} TFLOP/s" for dtype, gflops in matmul.items())
-             + f". {result['flops_per_image'] / 1e9:.1f} GFLOP per image.", "",
-             "| batch | dtype | ours ms | original ms | speedup | ours TFLOP/s (frac. matmul) "
-             "| original TFLOP/s (frac. matmul) | max abs diff |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Plain {result['shapes']['matmul_size']}² matmul: "
+        + ", ".join(f"{dtype} {gflops / 1e3:.1f} TFLOP/s" for dtype, gflops in matmul.items())
+        + f". {result['flops_per_image'] / 1e9:.1f} GFLOP per image.",
+        "",
+        "| batch | dtype | ours ms | original ms | speedup | ours TFLOP/s (frac. matmul) "
+        "| original TFLOP/s (frac. matmul) | max abs diff |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["results"]:
-        lines.append(f"| {r['batch']} | {r['dtype']} | {r['ours_ms']:.3f} | {r['original_ms']:.3f} "
-                     f"| {r['speedup_vs_original']:.2f}× "
-                     f"| {r['ours_gflops'] / 1e3:.2f} ({r['ours_fraction_of_matmul']:.2f}) "
-                     f"| {r['original_gflops'] / 1e3:.2f} ({r['original_fraction_of_matmul']:.2f}) "
-                     f"| {r['max_abs_diff']:.1e} |")
+        lines.append(
+            f"| {r['batch']} | {r['dtype']} | {r['ours_ms']:.3f} | {r['original_ms']:.3f} "
+            f"| {r['speedup_vs_original']:.2f}× "
+            f"| {r['ours_gflops'] / 1e3:.2f} ({r['ours_fraction_of_matmul']:.2f}) "
+            f"| {r['original_gflops'] / 1e3:.2f} ({r['original_fraction_of_matmul']:.2f}) "
+            f"| {r['max_abs_diff']:.1e} |"
+        )
     batch_1 = [r for r in result["results"] if r["batch"] == 1 and r["dtype"] == "bf16"]
     if batch_1:
         speedup = batch_1[0]["speedup_vs_original"]
@@ -80,52 +94,75 @@ def projector_table(result: dict[str, Any]) -> list[str]:
 
 def sdpa_table(result: dict[str, Any]) -> list[str]:
     """Backend taken by default, and each backend alone: ms or why it cannot run."""
-    lines = [f"Region attention per image: {result['attention']['queries_per_image']} queries × "
-             f"{result['attention']['keys_per_query']} keys, {result['attention']['heads']} heads of "
-             f"{result['attention']['head_dim']}; {result['dtype']}.", "",
-             "| batch | default takes | default ms | " + " | ".join(f"{b} alone" for b in BACKENDS) + " |",
-             "|---|---|---|" + "---|" * len(BACKENDS)]
+    lines = [
+        f"Region attention per image: {result['attention']['queries_per_image']} queries × "
+        f"{result['attention']['keys_per_query']} keys, {result['attention']['heads']} heads of "
+        f"{result['attention']['head_dim']}; {result['dtype']}.",
+        "",
+        "| batch | default takes | default ms | " + " | ".join(f"{b} alone" for b in BACKENDS) + " |",
+        "|---|---|---|" + "---|" * len(BACKENDS),
+    ]
     for row in result["rows"]:
         backends = row["backends"]
         cells = [f"{backends[b]['ms']:.3f} ms" if backends[b]["ok"] else "cannot run" for b in BACKENDS]
-        lines.append(f"| {row['batch']} | {row['profile']['backend_taken']} | {backends['default']['ms']:.3f} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {row['batch']} | {row['profile']['backend_taken']} | {backends['default']['ms']:.3f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     first = result["rows"][0]
     reasons = {b: first["backends"][b]["error"] for b in BACKENDS if not first["backends"][b]["ok"]}
-    lines += ["", "Why a backend cannot run (batch 1): " + ("; ".join(f"{b}: {e}" for b, e in reasons.items())
-                                                           if reasons else "all run.")]
+    lines += [
+        "",
+        "Why a backend cannot run (batch 1): "
+        + ("; ".join(f"{b}: {e}" for b, e in reasons.items()) if reasons else "all run."),
+    ]
     kernels = first["profile"]["kernels"][:8]
     if kernels:
-        lines += ["", "Longest device kernels of one default call (batch 1):", "", "| kernel | calls | µs |",
-                  "|---|---|---|"] + [f"| `{k['name'][:110]}` | {k['calls']} | {k['device_us']:.1f} |" for k in kernels]
+        lines += [
+            "",
+            "Longest device kernels of one default call (batch 1):",
+            "",
+            "| kernel | calls | µs |",
+            "|---|---|---|",
+        ] + [f"| `{k['name'][:110]}` | {k['calls']} | {k['device_us']:.1f} |" for k in kernels]
     return lines
 
 
 def compile_table(result: dict[str, Any]) -> list[str]:
     """Per batch and mode: compile seconds, eager and compiled ms, max |difference| (of max |eager|)."""
-    lines = ["| batch | mode | compile s | eager ms | compiled ms | speedup | max abs diff (of max abs) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| batch | mode | compile s | eager ms | compiled ms | speedup | max abs diff (of max abs) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         if "error" in r:
             lines.append(f"| {r['batch']} | {r['mode']} | failed: {r['error'][:150]} | | | | |")
         else:
-            lines.append(f"| {r['batch']} | {r['mode']} | {r['compile_s']:.1f} | {r['eager_ms']:.3f} "
-                         f"| {r['compiled_ms']:.3f} | {r['speedup']:.2f}× | {r['max_abs_diff']:.1e} "
-                         f"({r['max_abs_eager']:.1f}){'' if r['close'] else ' NOT close'} |")
+            lines.append(
+                f"| {r['batch']} | {r['mode']} | {r['compile_s']:.1f} | {r['eager_ms']:.3f} "
+                f"| {r['compiled_ms']:.3f} | {r['speedup']:.2f}× | {r['max_abs_diff']:.1e} "
+                f"({r['max_abs_eager']:.1f}){'' if r['close'] else ' NOT close'} |"
+            )
     return lines
 
 
 def train_table(result: dict[str, Any]) -> list[str]:
     """Per model at equal batch: sequence length, steps/s, samples/s, peak memory."""
-    lines = [f"LLM: {result['llm']}; {result['optimizer']}, {result['dtype']}.", "",
-             "| model | batch | tokens / sample | steps/s | samples/s | peak memory |", "|---|---|---|---|---|---|"]
+    lines = [
+        f"LLM: {result['llm']}; {result['optimizer']}, {result['dtype']}.",
+        "",
+        "| model | batch | tokens / sample | steps/s | samples/s | peak memory |",
+        "|---|---|---|---|---|---|",
+    ]
     for name, r in result["rows"].items():
         if "error" in r:
             lines.append(f"| {name} | failed: {r['error'][:150]} | | | | |")
             continue
         memory = "–" if r["peak_memory_bytes"] is None else f"{r['peak_memory_bytes'] / 2**30:.1f} GiB"
-        lines.append(f"| {name} | {r['batch']} | {r['seq_len']} | {r['steps_per_s']:.2f} "
-                     f"| {r['samples_per_s']:.1f} | {memory} |")
+        lines.append(
+            f"| {name} | {r['batch']} | {r['seq_len']} | {r['steps_per_s']:.2f} | {r['samples_per_s']:.1f} | {memory} |"
+        )
     if "tokenpacker_s2_steps_per_s_ratio" in result:
         ratio = result["tokenpacker_s2_steps_per_s_ratio"]
         lines += ["", f"TokenPacker s=2 / LLaVA-1.5 steps per second: {ratio:.2f}×."]
@@ -134,12 +171,14 @@ def train_table(result: dict[str, Any]) -> list[str]:
 
 def markdown(results: dict[str, Any]) -> str:
     """All sections, in the suite's order; a missing result says why."""
-    sections = [("Environment", "env", environment),
-                ("Projector against the original formulation", "projector", projector_table),
-                ("Which SDPA backend the region attention takes", "sdpa", sdpa_table),
-                ("End to end", "e2e", e2e_report.markdown),
-                ("Stage-2 training steps", "train", train_table),
-                ("torch.compile of the projector", "compile", compile_table)]
+    sections = [
+        ("Environment", "env", environment),
+        ("Projector against the original formulation", "projector", projector_table),
+        ("Which SDPA backend the region attention takes", "sdpa", sdpa_table),
+        ("End to end", "e2e", e2e_report.markdown),
+        ("Stage-2 training steps", "train", train_table),
+        ("torch.compile of the projector", "compile", compile_table),
+    ]
     lines = [stages_line(results["suite"]), ""]
     for title, stage, render in sections:
         lines += [f"### {title}", ""]
@@ -156,8 +195,14 @@ def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(2, 3, figsize=(15, 8))
-    panels = [("projector", plot_projector), ("sdpa", plot_sdpa), ("compile", plot_compile),
-              ("e2e", plot_ttft), ("e2e", plot_decode), ("train", plot_train)]
+    panels = [
+        ("projector", plot_projector),
+        ("sdpa", plot_sdpa),
+        ("compile", plot_compile),
+        ("e2e", plot_ttft),
+        ("e2e", plot_decode),
+        ("train", plot_train),
+    ]
     for axis, (stage, draw) in zip(axes.flat, panels, strict=True):
         axis.grid(alpha=0.3)
         if stage in results:
@@ -166,9 +211,11 @@ def plot(results: dict[str, Any], path: Path) -> None:
             axis.set_title(stage)
             axis.text(0.5, 0.5, missing(results, stage), ha="center", va="center", wrap=True, fontsize=8)
     env = results.get("env", {})
-    figure.suptitle(f"{env.get('device_name', '?')}; torch {env.get('torch', '?')}, transformers "
-                    f"{env.get('transformers', '?')}" + (" (smoke shapes)" if results["suite"]["smoke"] else ""),
-                    fontsize=10)
+    figure.suptitle(
+        f"{env.get('device_name', '?')}; torch {env.get('torch', '?')}, transformers "
+        f"{env.get('transformers', '?')}" + (" (smoke shapes)" if results["suite"]["smoke"] else ""),
+        fontsize=10,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=100)
 

@@ -61,7 +61,9 @@ def main():
         remove_unused_columns=False,  # keeps pixel_values and image_grids
         report_to="none",
     )
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset, data_collator=TokenPackerCollator(processor))
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=dataset, data_collator=TokenPackerCollator(processor)
+    )
     trainer.train()
 
     model.save_pretrained(args.output / "adapter")

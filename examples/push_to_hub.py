@@ -2,7 +2,8 @@
 
     python examples/push_to_hub.py --model_dir out --repo_id you/tokenpacker-7b-144 \
         --base_models openai/clip-vit-large-patch14-336 lmsys/vicuna-7b-v1.5
-    python examples/push_to_hub.py --model_dir out/adapter --repo_id you/tokenpacker-lora --adapter_base you/tokenpacker-7b-144
+    python examples/push_to_hub.py --model_dir out/adapter --repo_id you/tokenpacker-lora \
+        --adapter_base you/tokenpacker-7b-144
 
 The card carries `pipeline_tag: image-text-to-text`, the base models, the image token budget and a usage snippet.
 The modelling code is uploaded with the weights, so the repo loads with `trust_remote_code=True` anywhere.

@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> None:
 
     print(f"model folder      : {out}")
     print(f"prompt            : {prompt!r}")
-    print(f"image 40x24 ({args.mode}) : grid {rows}x{cols}, {inputs['pixel_values'].shape[0]} tiles, "
-          f"{image_positions} image tokens ({model.config.num_image_tokens} per tile)")
+    print(
+        f"image 40x24 ({args.mode}) : grid {rows}x{cols}, {inputs['pixel_values'].shape[0]} tiles, "
+        f"{image_positions} image tokens ({model.config.num_image_tokens} per tile)"
+    )
     generated = model.generate(**inputs, max_new_tokens=8, do_sample=False)
     new_text = processor.batch_decode(generated[:, inputs["input_ids"].shape[1] :])[0]
     print(f"generated (random weights): {new_text!r}")

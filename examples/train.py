@@ -71,7 +71,9 @@ class ModelArguments:
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout (preset lora)."})
     dtype: str = field(
         default="float32",
-        metadata={"help": "Weights dtype at load; keep float32 with --bf16 (mixed precision with fp32 master weights)."},
+        metadata={
+            "help": "Weights dtype at load; keep float32 with --bf16 (mixed precision with fp32 master weights)."
+        },
     )
     attn_implementation: str | None = field(default=None, metadata={"help": "sdpa, eager, flash_attention_2, ..."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Needed only for models this package can't load."})
@@ -80,7 +82,9 @@ class ModelArguments:
 @dataclass
 class DataArguments:
     data_path: str = field(metadata={"help": "LLaVA-format .json (a list) or .jsonl file."})
-    image_folder: str | None = field(default=None, metadata={"help": "Folder the samples' image paths are relative to."})
+    image_folder: str | None = field(
+        default=None, metadata={"help": "Folder the samples' image paths are relative to."}
+    )
     model_max_length: int = field(
         default=2048, metadata={"help": "Longer samples lose text from their end; image tokens are never cut."}
     )
@@ -133,13 +137,19 @@ def load_model_and_processor(args: ModelArguments):
     if not from_parts:
         processor = AutoProcessor.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
         model = AutoModelForImageTextToText.from_pretrained(
-            args.model_name_or_path, dtype=dtype, attn_implementation=args.attn_implementation,
+            args.model_name_or_path,
+            dtype=dtype,
+            attn_implementation=args.attn_implementation,
             trust_remote_code=args.trust_remote_code,
         )
         return model, processor
     model, processor = compose_pretrained(
-        args.vision_tower, args.language_model, scale_factor=args.scale_factor,
-        region_feature_layers=args.region_feature_layers, image_mode=args.image_mode, dtype=dtype,
+        args.vision_tower,
+        args.language_model,
+        scale_factor=args.scale_factor,
+        region_feature_layers=args.region_feature_layers,
+        image_mode=args.image_mode,
+        dtype=dtype,
         chat_template=Path(args.chat_template).read_text() if args.chat_template else None,
     )
     if args.attn_implementation:
@@ -190,8 +200,12 @@ def main():
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
     trainer.save_model(training_args.output_dir)
     if dataset.skipped or dataset.truncated:
-        logger.warning("rank %d: skipped %s, truncated %d samples", training_args.process_index,
-                       dict(dataset.skipped), len(dataset.truncated))
+        logger.warning(
+            "rank %d: skipped %s, truncated %d samples",
+            training_args.process_index,
+            dict(dataset.skipped),
+            len(dataset.truncated),
+        )
 
 
 if __name__ == "__main__":

@@ -11,10 +11,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerImageProcessor, TokenPackerProcessor
 from tokenpacker_hf.training import apply_preset
+
+from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TOKENS = 4  # image tokens per tile of tiny_config: its 4x4 patch grid packed at scale factor 2

@@ -7,8 +7,8 @@ import contextlib
 import io
 import re
 import threading
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Iterator
 
 from PIL import Image
 

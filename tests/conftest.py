@@ -11,14 +11,15 @@ import huggingface_hub.constants as hf_constants
 import numpy as np
 import pytest
 import torch
+from PIL import Image
+
+from tokenpacker_hf import TokenPackerForConditionalGeneration
+
 from builders import make_processor
 from hub_server import LocalHub, point_clients_at
 from llama_vocab import llama_vocabulary, make_llama_tokenizer
 from original_checkpoint import TINY_LM, TINY_TOWER, Original
-from PIL import Image
 from tiny import tiny_config
-
-from tokenpacker_hf import TokenPackerForConditionalGeneration
 
 
 @pytest.fixture(scope="session")

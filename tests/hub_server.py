@@ -162,8 +162,14 @@ class HubHandler(BaseHTTPRequestHandler):
         if outage is not None:
             self._send(outage, {"error": f"the local hub is answering {outage} to every request"})
             return
-        route = next(((name, match) for route_method, pattern, name in self.ROUTES
-                      if route_method == method and (match := pattern.fullmatch(path))), None)
+        route = next(
+            (
+                (name, match)
+                for route_method, pattern, name in self.ROUTES
+                if route_method == method and (match := pattern.fullmatch(path))
+            ),
+            None,
+        )
         if route is None:
             self._send(404, {"error": f"the local hub has no route for {method} {path}"})
             return
@@ -269,7 +275,7 @@ class HubHandler(BaseHTTPRequestHandler):
         for file_path in sorted(commit.files):
             if not file_path.startswith(prefix):
                 continue
-            rest = file_path[len(prefix):]
+            rest = file_path[len(prefix) :]
             if "/" in rest and not recursive:
                 folder = prefix + rest.split("/")[0]
                 entries[folder] = {"type": "directory", "path": folder, "oid": git_blob_sha(folder.encode())}
@@ -284,11 +290,15 @@ class HubHandler(BaseHTTPRequestHandler):
         """Serves a file with the headers `hf_hub_download` needs to place it in the cache."""
         commit = self._commit(repo, rev)
         if path not in commit.files:
-            raise HubError(404, "EntryNotFound", f"{path} does not exist in {repo}@{rev}",
-                           {"X-Repo-Commit": commit.sha})
+            raise HubError(
+                404, "EntryNotFound", f"{path} does not exist in {repo}@{rev}", {"X-Repo-Commit": commit.sha}
+            )
         data = commit.files[path]
-        headers = {"X-Repo-Commit": commit.sha, "ETag": f'"{git_blob_sha(data)}"',
-                   "Content-Type": "application/octet-stream"}
+        headers = {
+            "X-Repo-Commit": commit.sha,
+            "ETag": f'"{git_blob_sha(data)}"',
+            "Content-Type": "application/octet-stream",
+        }
         return Reply(200, data, headers)
 
 
@@ -316,8 +326,9 @@ class LocalHub:
 
     def __enter__(self) -> LocalHub:
         self._server = LocalHubServer(self.store)
-        self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
-                                        name="local-hub", daemon=True)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-hub", daemon=True
+        )
         self._thread.start()
         return self
 
@@ -355,8 +366,15 @@ class LocalHub:
 
 
 # Offline switches forbid talking to the hub at all; cache overrides would bypass the private HF_HOME.
-_ENV_THAT_WOULD_INTERFERE = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE",
-                             "HF_ASSETS_CACHE", "HUGGINGFACE_ASSETS_CACHE", "HF_XET_CACHE")
+_ENV_THAT_WOULD_INTERFERE = (
+    "HF_HUB_OFFLINE",
+    "TRANSFORMERS_OFFLINE",
+    "HF_HUB_CACHE",
+    "HUGGINGFACE_HUB_CACHE",
+    "HF_ASSETS_CACHE",
+    "HUGGINGFACE_ASSETS_CACHE",
+    "HF_XET_CACHE",
+)
 
 
 def closed_port_url() -> str:
@@ -404,8 +422,12 @@ def point_clients_at(hub: LocalHub | str) -> Iterator[None]:
     import huggingface_hub.constants as hf_constants
     import transformers.utils.hub as transformers_hub
 
-    saved = (hf_constants.ENDPOINT, hf_constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_constants.HF_HUB_OFFLINE,
-             transformers_hub._hf_api)
+    saved = (
+        hf_constants.ENDPOINT,
+        hf_constants.HUGGINGFACE_CO_URL_TEMPLATE,
+        hf_constants.HF_HUB_OFFLINE,
+        transformers_hub._hf_api,
+    )
     saved_token = os.environ.get("HF_TOKEN")
     hf_constants.ENDPOINT = _endpoint(hub)
     hf_constants.HUGGINGFACE_CO_URL_TEMPLATE = _endpoint(hub) + "/{repo_id}/resolve/{revision}/{filename}"
@@ -415,8 +437,12 @@ def point_clients_at(hub: LocalHub | str) -> Iterator[None]:
     try:
         yield
     finally:
-        (hf_constants.ENDPOINT, hf_constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_constants.HF_HUB_OFFLINE,
-         transformers_hub._hf_api) = saved
+        (
+            hf_constants.ENDPOINT,
+            hf_constants.HUGGINGFACE_CO_URL_TEMPLATE,
+            hf_constants.HF_HUB_OFFLINE,
+            transformers_hub._hf_api,
+        ) = saved
         if saved_token is None:
             os.environ.pop("HF_TOKEN", None)
         else:

@@ -10,17 +10,18 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers.initialization import no_init_weights
+
+from tokenpacker_hf.tiny import byte_level_backend
+
 from reference.original_tokenpacker import (
     OriginalTokenPacker,
     original_feature_select,
     original_multimodal_forward,
     random_init_,
 )
-from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-from transformers.initialization import no_init_weights
-
-from tokenpacker_hf.tiny import byte_level_backend
 
 ORIGINAL_TOWER_PREFIX = "model.vision_tower.vision_tower.vision_model."
 # A tiny tower with CLIP-L's depth (the original reads layers 12, 16, 22, 23 and -2), 24 px tiles of 2 px patches:

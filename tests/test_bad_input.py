@@ -7,11 +7,12 @@ import re
 import pytest
 import torch
 
-from builders import PROMPT, make_model, make_processor, noise_image, pixels, prompt
-from tiny import IMAGE_TOKEN_ID, make_tokenizer
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration
 from tokenpacker_hf.modeling_tokenpacker import left_padding_mask
 from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor
+
+from builders import PROMPT, make_model, make_processor, noise_image, pixels, prompt
+from tiny import IMAGE_TOKEN_ID, make_tokenizer
 
 # --- HD prompts whose row separator is the pad id --------------------------------------------------------
 
@@ -44,8 +45,7 @@ def test_hd_generate_without_attention_mask_keeps_the_row_separators_visible():
 def test_hd_generate_without_mask_still_masks_left_padding():
     processor, model = released_style_processor(), released_style_model()
     texts = [PROMPT, "USER: <image>\nWhat is it, in a few more words than that? ASSISTANT:"]
-    inputs = processor(images=[noise_image(40, 20), noise_image(20, 40)], text=texts, padding=True,
-                       return_tensors="pt")
+    inputs = processor(images=[noise_image(40, 20), noise_image(20, 40)], text=texts, padding=True, return_tensors="pt")
     assert not inputs["attention_mask"][0].all()  # the first prompt is left-padded
     with_mask = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     mask = inputs.pop("attention_mask")
@@ -53,12 +53,15 @@ def test_hd_generate_without_mask_still_masks_left_padding():
     assert torch.equal(model.generate(**inputs, max_new_tokens=5, do_sample=False), with_mask)
 
 
-@pytest.mark.parametrize("ids, expected", [
-    ([[0, 0, 5, 0, 6]], [[0, 0, 1, 1, 1]]),
-    ([[5, 0, 0, 6]], [[1, 1, 1, 1]]),
-    ([[0, 0, 0]], [[0, 0, 0]]),
-    ([[7, 8], [0, 8]], [[1, 1], [0, 1]]),
-])
+@pytest.mark.parametrize(
+    "ids, expected",
+    [
+        ([[0, 0, 5, 0, 6]], [[0, 0, 1, 1, 1]]),
+        ([[5, 0, 0, 6]], [[1, 1, 1, 1]]),
+        ([[0, 0, 0]], [[0, 0, 0]]),
+        ([[7, 8], [0, 8]], [[1, 1], [0, 1]]),
+    ],
+)
 def test_left_padding_mask_hides_only_the_leading_pad_run(ids, expected):
     assert left_padding_mask(torch.tensor(ids), 0).tolist() == expected
 
@@ -95,8 +98,7 @@ def test_a_generated_image_id_does_not_stop_decoding():
     model = make_model()
     image_id = torch.tensor([IMAGE_TOKEN_ID])
     model.lm_head.register_forward_hook(lambda module, args, logits: logits.index_fill(-1, image_id, 1e4))
-    out = model.generate(input_ids=torch.tensor([prompt()]), pixel_values=pixels(1), max_new_tokens=3,
-                         do_sample=False)
+    out = model.generate(input_ids=torch.tensor([prompt()]), pixel_values=pixels(1), max_new_tokens=3, do_sample=False)
     assert out[0, -3:].tolist() == [IMAGE_TOKEN_ID] * 3
 
 
@@ -104,8 +106,10 @@ def test_a_generated_image_id_does_not_stop_decoding():
 def test_image_count_mismatch_between_tokens_and_pixels_names_both(images, extra):
     model = make_model()
     with pytest.raises(ValueError, match="do not match|expected pixel_values"):
-        model(input_ids=torch.tensor([prompt(images=images)]), pixel_values=pixels(images + extra)
-              if images + extra else None)
+        model(
+            input_ids=torch.tensor([prompt(images=images)]),
+            pixel_values=pixels(images + extra) if images + extra else None,
+        )
 
 
 # --- the processor -------------------------------------------------------------------------------------
@@ -136,9 +140,16 @@ def test_text_of_the_wrong_type_is_named(text):
 # --- unconverted checkpoints ---------------------------------------------------------------------------
 
 ORIGINAL_CONFIG = {
-    "model_type": "llava", "architectures": ["LlavaLlamaForCausalLM"], "hidden_size": 4096, "vocab_size": 32000,
-    "mm_vision_tower": "./clip-vit-large-patch14-336", "mm_projector_type": "tokenpacker", "mm_hidden_size": 1024,
-    "mm_vision_select_layer": -2, "scale_factor": 2, "image_aspect_ratio": "pad",
+    "model_type": "llava",
+    "architectures": ["LlavaLlamaForCausalLM"],
+    "hidden_size": 4096,
+    "vocab_size": 32000,
+    "mm_vision_tower": "./clip-vit-large-patch14-336",
+    "mm_projector_type": "tokenpacker",
+    "mm_hidden_size": 1024,
+    "mm_vision_select_layer": -2,
+    "scale_factor": 2,
+    "image_aspect_ratio": "pad",
 }
 
 

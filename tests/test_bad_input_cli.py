@@ -16,10 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import LocalHub, closed_port_url, hub_env, point_clients_at
 from PIL import Image
 
 from tokenpacker_hf.cli import main
+
+from hub_server import LocalHub, closed_port_url, hub_env, point_clients_at
 
 # A failure must not wait for the Hub client's retries (1 + 2 + 4 + 8 + 8 s per file): in-process it is a few
 # local requests, in a fresh process the same plus importing torch and transformers.
@@ -303,8 +304,10 @@ def test_revision_loads_that_commit_and_a_missing_one_is_one_line(hub, published
 
     assert answer(published, "--revision", first) == answer(model_folder)
     assert answer(published) == answer(retrained)
-    assert_one_error_line(*timed_cli(generate_argv(published, image_files[0], "--revision", "0123456789abcdef"), capsys),
-                          f"the Hub model repo {published} has no revision 0123456789abcdef")  # fmt: skip
+    missing_revision = generate_argv(published, image_files[0], "--revision", "0123456789abcdef")
+    assert_one_error_line(
+        *timed_cli(missing_revision, capsys), f"the Hub model repo {published} has no revision 0123456789abcdef"
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

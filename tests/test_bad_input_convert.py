@@ -22,8 +22,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from hub_server import closed_port_url, point_clients_at
-from original_checkpoint import TINY_LM, TINY_TOWER, Original
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.cli import main
@@ -35,6 +33,9 @@ from tokenpacker_hf.convert_tokenpacker_original import (
     remove_stale_staging,
 )
 from tokenpacker_hf.hub import HubError
+
+from hub_server import closed_port_url, point_clients_at
+from original_checkpoint import TINY_LM, TINY_TOWER, Original
 
 HUB_SECONDS = 10  # a Hub failure is one or two local requests, never the client's minutes of retries
 
@@ -240,8 +241,13 @@ def timed_refusal(*args, **kwargs) -> str:
 
 
 def test_source_repo_that_does_not_exist_fails_at_once(hub, tmp_path, capsys):
-    timed_refusal("nobody/TokenPacker-7b-144token", tmp_path / "out", HubError,
-                  f"checkpoint 'nobody/TokenPacker-7b-144token': the Hub at {hub.url} has no model repo", capsys=capsys)
+    timed_refusal(
+        "nobody/TokenPacker-7b-144token",
+        tmp_path / "out",
+        HubError,
+        f"checkpoint 'nobody/TokenPacker-7b-144token': the Hub at {hub.url} has no model repo",
+        capsys=capsys,
+    )
 
 
 def test_vision_tower_repo_that_does_not_exist_fails_at_once(hub, tmp_path, tiny_original, capsys):
@@ -253,8 +259,14 @@ def test_vision_tower_repo_that_does_not_exist_fails_at_once(hub, tmp_path, tiny
 @pytest.mark.parametrize("status", [500, 502])
 def test_source_on_a_hub_answering_5xx_fails_at_once(status, hub, tmp_path, capsys):
     hub.outage = status
-    timed_refusal("sunshine-lwt/TokenPacker-7b-144token", tmp_path / "out", HubError,
-                  f"the Hub at {hub.url} answered {status}", "is not in the local cache", capsys=capsys)
+    timed_refusal(
+        "sunshine-lwt/TokenPacker-7b-144token",
+        tmp_path / "out",
+        HubError,
+        f"the Hub at {hub.url} answered {status}",
+        "is not in the local cache",
+        capsys=capsys,
+    )
 
 
 def test_source_behind_a_closed_port_fails_at_once(tmp_path, capsys, monkeypatch):
@@ -263,8 +275,14 @@ def test_source_behind_a_closed_port_fails_at_once(tmp_path, capsys, monkeypatch
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "hub_cache"))
     url = closed_port_url()
     with point_clients_at(url):
-        timed_refusal("sunshine-lwt/TokenPacker-7b-144token", tmp_path / "out", HubError,
-                      f"the Hub at {url} cannot be reached", "is not in the local cache", capsys=capsys)
+        timed_refusal(
+            "sunshine-lwt/TokenPacker-7b-144token",
+            tmp_path / "out",
+            HubError,
+            f"the Hub at {url} cannot be reached",
+            "is not in the local cache",
+            capsys=capsys,
+        )
 
 
 @pytest.mark.parametrize("failure", ["outage_500", "closed_port"])
@@ -362,7 +380,8 @@ def test_sigterm_and_sigint_remove_everything_and_exit_with_the_signal(signum, s
     assert process.wait(timeout=120) == 128 + signum, log.read_text()
     last_line = log.read_text().splitlines()[-1]
     assert last_line == f"interrupted by {signal.Signals(signum).name}" + (
-        ": the unfinished conversion was removed" if signum == signal.SIGTERM else "")
+        ": the unfinished conversion was removed" if signum == signal.SIGTERM else ""
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["convert.log"]
 
 

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from builders import make_processor, qa, write_llava_dataset
 from PIL import Image
 
 from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator
+
+from builders import make_processor, qa, write_llava_dataset
 
 GOOD = qa("<image>\nWhat colour?", "Red.", "good.png")
 
@@ -87,7 +88,9 @@ def test_missing_data_file_and_folder_in_its_place_name_the_path(tmp_path):
     ],
 )  # fmt: skip
 def test_unusual_but_valid_files_give_every_sample(name, content, tmp_path):
-    dataset = LlavaDataset(write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images")
+    dataset = LlavaDataset(
+        write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images"
+    )
     assert len(dataset) == 2 and not dataset.skipped
     assert torch.equal(dataset[0]["input_ids"], dataset[1]["input_ids"])
 
@@ -97,7 +100,9 @@ def test_jsonl_line_separator_inside_a_string_does_not_split_the_record(tmp_path
     record = qa("<image>\nRead\u2028this.", "Done.", "good.png")
     content = json.dumps(record, ensure_ascii=False).encode() + b"\n"
     assert "\u2028".encode() in content
-    dataset = LlavaDataset(write_data(tmp_path, "data.jsonl", content), make_processor(padding_side="right"), tmp_path / "images")
+    dataset = LlavaDataset(
+        write_data(tmp_path, "data.jsonl", content), make_processor(padding_side="right"), tmp_path / "images"
+    )
     assert len(dataset) == 1 and not dataset.skipped
 
 
@@ -146,7 +151,9 @@ WRONG_RECORDS = {
 def test_record_of_the_wrong_shape_is_a_counted_skip(case, name, tmp_path):
     records = [GOOD, WRONG_RECORDS[case]]
     content = json.dumps(records).encode() if name == "data.json" else jsonl(*(json.dumps(r) for r in records))
-    dataset = LlavaDataset(write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images")
+    dataset = LlavaDataset(
+        write_data(tmp_path, name, content), make_processor(padding_side="right"), tmp_path / "images"
+    )
     assert len(dataset) == 1 and dataset.skipped == {"malformed": 1}
     assert dataset[0]["pixel_values"].shape[0] == 1
 

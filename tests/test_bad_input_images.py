@@ -312,8 +312,18 @@ def test_floats_within_half_a_level_of_the_range_are_accepted():
         (np.full((4, 4), "a"), "expected pixel values of a bool, integer or float dtype"),
         (torch.ones(4, 4, dtype=torch.complex64), "expected real-valued pixels, got an array of shape"),
     ],
-    ids=["nan", "inf", "torch-minus-inf", "negative", "float-0-255", "int-above-255", "int-negative", "complex",
-         "strings", "torch-complex"],
+    ids=[
+        "nan",
+        "inf",
+        "torch-minus-inf",
+        "negative",
+        "float-0-255",
+        "int-above-255",
+        "int-negative",
+        "complex",
+        "strings",
+        "torch-complex",
+    ],
 )
 def test_unusable_values_are_refused_naming_what_was_found(values, message):
     with pytest.raises(ValueError, match=message):

@@ -15,7 +15,10 @@ BENCHMARKS = REPO / "benchmarks"
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     process = subprocess.run(
         [sys.executable, str(BENCHMARKS / name), "--smoke", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert process.returncode == 0, process.stderr[-3000:]
     return process
@@ -25,8 +28,18 @@ def test_bench_projector_smoke(tmp_path):
     out = tmp_path / "x.json"
     process = run_script("bench_projector.py", "--out", str(out))
     result = json.loads(out.read_text())
-    for field in ("machine", "torch", "transformers", "device", "threads", "dtypes", "flops_per_image",
-                  "matmul_gflops", "results", "max_abs_diff"):
+    for field in (
+        "machine",
+        "torch",
+        "transformers",
+        "device",
+        "threads",
+        "dtypes",
+        "flops_per_image",
+        "matmul_gflops",
+        "results",
+        "max_abs_diff",
+    ):
         assert field in result, field
     assert {(row["batch"], row["dtype"]) for row in result["results"]} == {
         (batch, dtype) for batch in (1, 8) for dtype in ("fp32", "bf16")
@@ -112,7 +125,11 @@ def test_gpu_suite_smoke(tmp_path):
     out = tmp_path / "out"
     process = subprocess.run(
         ["bash", str(BENCHMARKS / "gpu_suite.sh"), "--smoke", str(out)],
-        cwd=REPO, env={**os.environ, "PYTHON": sys.executable}, capture_output=True, text=True, timeout=480,
+        cwd=REPO,
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=480,
     )
     assert process.returncode == 0, process.stdout[-4000:] + process.stderr[-2000:]
     suite = json.loads((out / "suite.json").read_text())
@@ -149,7 +166,8 @@ def test_gpu_suite_smoke(tmp_path):
 
     compile_ = json.loads((out / "compile.json").read_text())
     assert compile_["complete"] and [(row["batch"], row["mode"]) for row in compile_["rows"]] == [
-        (1, "default"), (1, "reduce-overhead")
+        (1, "default"),
+        (1, "reduce-overhead"),
     ]
     assert all(row["close"] and row["compile_s"] > 0 and row["compiled_ms"] > 0 for row in compile_["rows"])
 
@@ -170,9 +188,14 @@ def test_gpu_suite_smoke(tmp_path):
     assert train["tokenpacker_s2_steps_per_s_ratio"] > 0
 
     report = (out / "report.md").read_text()
-    for title in ("Environment", "Projector against the original formulation", "End to end",
-                  "Which SDPA backend the region attention takes", "Stage-2 training steps",
-                  "torch.compile of the projector"):
+    for title in (
+        "Environment",
+        "Projector against the original formulation",
+        "End to end",
+        "Which SDPA backend the region attention takes",
+        "Stage-2 training steps",
+        "torch.compile of the projector",
+    ):
         assert f"\n### {title}\n" in report
     assert "No result" not in report and report in process.stdout
     assert (out / "gpu.png").stat().st_size > 0
@@ -184,10 +207,14 @@ def test_plot_gpu_names_missing_stages(tmp_path):
     plot_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_gpu)
     stage = {"rc": 0, "seconds": 1, "limit_s": 60, "timed_out": False}
-    stages = {"env": dict(stage, rc=1), "projector": dict(stage, rc=124, limit_s=90, timed_out=True),
-              "sdpa": dict(stage, rc=None, limit_s=0)}
-    (tmp_path / "suite.json").write_text(json.dumps({"smoke": False, "device": "cuda", "budget_s": 450,
-                                                     "stages": stages}))
+    stages = {
+        "env": dict(stage, rc=1),
+        "projector": dict(stage, rc=124, limit_s=90, timed_out=True),
+        "sdpa": dict(stage, rc=None, limit_s=0),
+    }
+    (tmp_path / "suite.json").write_text(
+        json.dumps({"smoke": False, "device": "cuda", "budget_s": 450, "stages": stages})
+    )
     report = plot_gpu.main([str(tmp_path), "--plot", str(tmp_path / "gpu.png")])
     assert "No result (exit status 1; see logs/env.log)" in report
     assert "No result (timed out after 90 s; see logs/projector.log)" in report

@@ -5,10 +5,10 @@ import io
 import os
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 import torch
 from PIL import Image
 
@@ -41,8 +41,20 @@ def test_generate_prints_the_models_greedy_answer(model_folder, image_files, cap
 
 def test_generate_runs_as_a_console_command(model_folder, image_files):
     """The installed entry point, in its own process, prints one answer line and nothing else on stdout."""
-    command = [sys.executable, "-m", "tokenpacker_hf.cli", "generate", "--model", str(model_folder),
-               "--image", str(image_files[0]), "--prompt", "What is it?", "--max-new-tokens", "4"]
+    command = [
+        sys.executable,
+        "-m",
+        "tokenpacker_hf.cli",
+        "generate",
+        "--model",
+        str(model_folder),
+        "--image",
+        str(image_files[0]),
+        "--prompt",
+        "What is it?",
+        "--max-new-tokens",
+        "4",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert completed.stdout == expected_answer(model_folder, image_files[:1], "What is it?", 4) + "\n"
@@ -85,8 +97,18 @@ def test_bad_input_is_one_line_and_exit_code_2(case, expected, model_folder, ima
 
 
 def test_bad_input_in_a_real_process_has_no_traceback(model_folder, tmp_path):
-    command = [sys.executable, "-m", "tokenpacker_hf.cli", "generate", "--model", str(model_folder),
-               "--image", str(tmp_path / "missing.png"), "--prompt", "x"]
+    command = [
+        sys.executable,
+        "-m",
+        "tokenpacker_hf.cli",
+        "generate",
+        "--model",
+        str(model_folder),
+        "--image",
+        str(tmp_path / "missing.png"),
+        "--prompt",
+        "x",
+    ]
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert completed.returncode == 2
     assert completed.stderr == f"error: image not found: {tmp_path / 'missing.png'}\n"
@@ -95,7 +117,9 @@ def test_bad_input_in_a_real_process_has_no_traceback(model_folder, tmp_path):
 def test_info_refuses_a_model_that_is_not_tokenpacker(tmp_path, capsys):
     from transformers import LlamaConfig
 
-    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(tmp_path)
+    LlamaConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32).save_pretrained(
+        tmp_path
+    )
     assert main(["info", str(tmp_path)]) == 2
     assert "holds a 'llama' model, not a TokenPacker one" in capsys.readouterr().err
 

@@ -16,12 +16,13 @@ import torch
 import transformers
 from transformers import DynamicCache, LlamaForCausalLM
 
-from builders import make_model, pixels, prompt
-from subprocess_utils import run_without_package
-from tiny import text_config
 from tokenpacker_hf import TokenPackerModel
 from tokenpacker_hf.configuration_tokenpacker import MIN_TRANSFORMERS_VERSION, check_transformers_version
 from tokenpacker_hf.modeling_tokenpacker import CACHE_NAME
+
+from builders import make_model, pixels, prompt
+from subprocess_utils import run_without_package
+from tiny import text_config
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1] / "src" / "tokenpacker_hf"
 DIGITS_MODEL = Path(__file__).resolve().parents[1] / "examples" / "models" / "tokenpacker-digits"
@@ -136,12 +137,23 @@ def test_base_model_return_dict_false_keeps_the_language_models_outputs_whole():
 # --- the version floor ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("installed, refused", [("5.17.0", True), ("5.22.2", True), ("4.57.6", True),
-                                                (MIN_TRANSFORMERS_VERSION, False), ("5.24.0", False), ("6.1.0", False)])
+@pytest.mark.parametrize(
+    "installed, refused",
+    [
+        ("5.17.0", True),
+        ("5.22.2", True),
+        ("4.57.6", True),
+        (MIN_TRANSFORMERS_VERSION, False),
+        ("5.24.0", False),
+        ("6.1.0", False),
+    ],
+)
 def test_version_check_refuses_exactly_the_releases_below_the_floor(installed, refused):
     if refused:
-        with pytest.raises(ImportError, match=f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers "
-                                              f"{installed} is installed"):
+        with pytest.raises(
+            ImportError,
+            match=f"needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers {installed} is installed",
+        ):
             check_transformers_version(installed)
     else:
         check_transformers_version(installed)
@@ -166,8 +178,13 @@ def last_line(stderr: str) -> str:
 
 
 def test_importing_the_package_below_the_floor_fails_with_one_line(tmp_path):
-    child = subprocess.run([sys.executable, "-c", PRETEND_OLD + "import tokenpacker_hf"], cwd=tmp_path,
-                           capture_output=True, text=True, timeout=120)
+    child = subprocess.run(
+        [sys.executable, "-c", PRETEND_OLD + "import tokenpacker_hf"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert child.returncode == 1
     assert last_line(child.stderr) == (
         f"ImportError: TokenPacker needs transformers>={MIN_TRANSFORMERS_VERSION}, but transformers 5.17.0 is "
@@ -175,8 +192,9 @@ def test_importing_the_package_below_the_floor_fails_with_one_line(tmp_path):
     )
 
 
-@pytest.mark.parametrize("auto_class", ["AutoConfig", "AutoModelForImageTextToText", "AutoProcessor",
-                                        "AutoImageProcessor"])
+@pytest.mark.parametrize(
+    "auto_class", ["AutoConfig", "AutoModelForImageTextToText", "AutoProcessor", "AutoImageProcessor"]
+)
 def test_loading_a_saved_folder_below_the_floor_fails_with_one_line(tmp_path, auto_class):
     code = PRETEND_OLD + (
         f"from transformers import {auto_class}\n"
@@ -200,9 +218,14 @@ AUDITED_IMPORTS = {
     ("transformers", "AutoModelForCausalLM"): "test_compose.py",
     ("transformers", "AutoImageProcessor"): "test_compose.py (the tower's normalisation)",
     ("transformers", "AutoTokenizer"): "test_compose.py",
-    ("transformers.models.auto.modeling_auto", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"):
-        "test_compose.py::test_an_llm_that_is_not_a_causal_lm_is_named",
-    ("transformers", "initialization"): "test_projector.py::test_fresh_model_initialises_the_projector_like_the_original",
+    (
+        "transformers.models.auto.modeling_auto",
+        "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES",
+    ): "test_compose.py::test_an_llm_that_is_not_a_causal_lm_is_named",
+    (
+        "transformers",
+        "initialization",
+    ): "test_projector.py::test_fresh_model_initialises_the_projector_like_the_original",
     ("transformers.activations", "ACT2FN"): "test_projector.py (oracle parity)",
     ("transformers.cache_utils", "Cache"): "this file",
     ("transformers.configuration_utils", "PreTrainedConfig"): "test_configuration.py",
@@ -231,7 +254,10 @@ AUDITED_IMPORTS = {
     ("transformers.processing_utils", "ProcessingKwargs"): "test_processing.py",
     ("transformers.processing_utils", "ProcessorMixin"): "test_processing.py",
     ("transformers.utils", "can_return_tuple"): "this file",
-    ("transformers.utils", "torch_compilable_check"): "test_modeling.py::test_image_token_count_mismatch_names_both_numbers",
+    (
+        "transformers.utils",
+        "torch_compilable_check",
+    ): "test_modeling.py::test_image_token_count_mismatch_names_both_numbers",
 }
 
 
@@ -240,8 +266,10 @@ def remote_code_imports() -> set[tuple[str, str]]:
     for name in REMOTE_CODE_MODULES:
         tree = ast.parse((PACKAGE_DIR / f"{name}_tokenpacker.py").read_text())
         for node in ast.walk(tree):
-            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] in (
-                "transformers", "huggingface_hub"
+            if (
+                isinstance(node, ast.ImportFrom)
+                and node.module
+                and node.module.split(".")[0] in ("transformers", "huggingface_hub")
             ):
                 found |= {(node.module, alias.name) for alias in node.names}
     return found
@@ -305,8 +333,12 @@ def run_in(python: str, code: str, cwd: Path, *args: str, hide_package: bool) ->
 
 
 def other_version() -> str:
-    return subprocess.run([OTHER_PYTHON, "-c", "import transformers; print(transformers.__version__)"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        [OTHER_PYTHON, "-c", "import transformers; print(transformers.__version__)"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 @needs_other_environment
@@ -325,4 +357,3 @@ def test_a_folder_saved_in_the_other_environment_generates_the_same_tokens_here(
     printed = run_in(sys.executable, LOAD_AND_GENERATE, tmp_path, "model", "here.pt", hide_package=True)
     assert printed.strip() == transformers.__version__ != other_version()
     assert torch.equal(torch.load(tmp_path / "here.pt"), torch.load(tmp_path / "there.pt"))
-

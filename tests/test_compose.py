@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -26,13 +27,12 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from tokenizers import Tokenizer, models, pre_tokenizers
-
-from subprocess_utils import run_without_package
-from builders import REPO_ROOT, small_dataset
-from tiny import text_config, vision_config
 from tokenpacker_hf import TokenPackerForConditionalGeneration, TokenPackerProcessor, cli
 from tokenpacker_hf.tiny import byte_level_backend
+
+from builders import REPO_ROOT, small_dataset
+from subprocess_utils import run_without_package
+from tiny import text_config, vision_config
 
 TOWER = dict(region_feature_layers=[1, 2, 3], projector_hidden_size=32, projector_num_heads=2)
 LLM_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # no <image>: composing must add it
@@ -40,15 +40,19 @@ LLM_SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>"]  # no <image>: composing 
 
 def llm_tokenizer(pad: bool = True) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(
-        tokenizer_object=byte_level_backend(LLM_SPECIAL_TOKENS), bos_token="<s>", eos_token="</s>",
-        unk_token="<unk>", pad_token="<pad>" if pad else None,
+        tokenizer_object=byte_level_backend(LLM_SPECIAL_TOKENS),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>" if pad else None,
     )
 
 
 def save_llm(folder, model_type: str, tie: bool, pad: bool = True):
     """A tiny causal LM of `model_type` with a tokenizer that lacks `<image>`; returns the model."""
-    config = AutoConfig.for_model(**{**text_config(model_type=model_type, vocab_size=4 + 256),
-                                     "tie_word_embeddings": tie})
+    config = AutoConfig.for_model(
+        **{**text_config(model_type=model_type, vocab_size=4 + 256), "tie_word_embeddings": tie}
+    )
     torch.manual_seed(1)
     model = AutoModelForCausalLM.from_config(config)
     model.save_pretrained(folder)
@@ -61,20 +65,33 @@ def save_clip(folder, whole: bool):
     torch.manual_seed(2)
     vision = {key: value for key, value in vision_config().items() if key != "model_type"}
     if whole:
-        model = CLIPModel(CLIPConfig(vision_config=vision, text_config=dict(
-            hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99)))
+        model = CLIPModel(
+            CLIPConfig(
+                vision_config=vision,
+                text_config=dict(
+                    hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4, vocab_size=99
+                ),
+            )
+        )
     else:
         model = CLIPVisionModel(AutoConfig.for_model("clip_vision_model", **vision))
     model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size=16, image_mean=[0.1, 0.2, 0.3],
-                       image_std=[0.4, 0.5, 0.6]).save_pretrained(folder)
+    CLIPImageProcessor(
+        size={"shortest_edge": 16}, crop_size=16, image_mean=[0.1, 0.2, 0.3], image_std=[0.4, 0.5, 0.6]
+    ).save_pretrained(folder)
     return model
 
 
 def save_siglip(folder, image_size: int = 16):
     torch.manual_seed(3)
-    config = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
-                                image_size=image_size, patch_size=4)
+    config = SiglipVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=4,
+    )
     model = SiglipVisionModel(config)
     model.save_pretrained(folder)
     SiglipImageProcessor(size={"height": image_size, "width": image_size}).save_pretrained(folder)
@@ -194,8 +211,9 @@ def test_processor_takes_the_llms_tokenizer_with_image_and_pad_tokens_and_the_to
     assert processor.image_processor.image_std == pytest.approx([0.4, 0.5, 0.6])
     assert processor.image_processor.tile_size == 16 and processor.num_image_tokens == 4
     assert "ASSISTANT:" in processor.chat_template
-    custom = TokenPackerProcessor.from_vision_text_pretrained(root / "clip", root / "qwen2", chat_template="{{ 1 }}",
-                                                              image_mode="slice", **TOWER)
+    custom = TokenPackerProcessor.from_vision_text_pretrained(
+        root / "clip", root / "qwen2", chat_template="{{ 1 }}", image_mode="slice", **TOWER
+    )
     assert custom.chat_template == "{{ 1 }}" and custom.image_processor.image_mode == "slice"
 
 
@@ -214,8 +232,8 @@ from PIL import Image
 from transformers import AutoModelForImageTextToText, AutoProcessor
 model = AutoModelForImageTextToText.from_pretrained("composed", trust_remote_code=True).eval()
 processor = AutoProcessor.from_pretrained("composed", trust_remote_code=True)
-prompt = processor.apply_chat_template(
-    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}], add_generation_prompt=True)
+messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}]
+prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=[Image.open("image.png")], text=prompt, return_tensors="pt")
 torch.save(model.generate(**inputs, max_new_tokens=5, do_sample=False), "generated.pt")
 """
@@ -232,7 +250,8 @@ def test_composed_folder_reloads_through_remote_code_and_generates_the_same(part
     assert child.returncode == 0, child.stderr[-3000:]
     prompt = processor.apply_chat_template(
         [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Read it."}]}],
-        add_generation_prompt=True)
+        add_generation_prompt=True,
+    )
     inputs = processor(images=[image], text=prompt, return_tensors="pt")
     expected = model.generate(**inputs, max_new_tokens=5, do_sample=False)
     assert torch.equal(torch.load(tmp_path / "generated.pt"), expected)
@@ -244,8 +263,11 @@ def test_composed_folder_reloads_through_remote_code_and_generates_the_same(part
 def test_scale_factor_must_divide_the_towers_grid_before_any_weight_is_read(tmp_path):
     save_siglip(tmp_path / "siglip27", image_size=108)  # 27×27 patches, as SigLIP-384/14
     save_llm(tmp_path / "llm", "llama", tie=True)
-    with pytest.raises(Exception, match=r"scale_factor must divide the patch grid side 27.*allowed values: "
-                                        r"\[1, 3, 9, 27\], got 2"):
+    with pytest.raises(
+        Exception,
+        match=r"scale_factor must divide the patch grid side 27.*allowed values: "
+        r"\[1, 3, 9, 27\], got 2",
+    ):
         compose(tmp_path / "siglip27", tmp_path / "llm", scale_factor=2)
     model, processor = compose(tmp_path / "siglip27", tmp_path / "llm", scale_factor=3)
     assert model.config.num_image_tokens == processor.num_image_tokens == 81
@@ -265,8 +287,9 @@ def test_a_tower_that_is_not_a_vit_is_named(parts):
 
 def test_an_llm_that_is_not_a_causal_lm_is_named(parts, tmp_path):
     root, _ = parts
-    T5ForConditionalGeneration(T5Config(vocab_size=260, d_model=16, d_ff=32, num_layers=1, num_heads=2,
-                                        d_kv=8)).save_pretrained(tmp_path / "t5")
+    T5ForConditionalGeneration(
+        T5Config(vocab_size=260, d_model=16, d_ff=32, num_layers=1, num_heads=2, d_kv=8)
+    ).save_pretrained(tmp_path / "t5")
     llm_tokenizer().save_pretrained(tmp_path / "t5")
     with pytest.raises(ValueError, match="expected a causal language model .* got model_type 't5'"):
         compose(root / "clip", tmp_path / "t5")
@@ -277,7 +300,8 @@ def test_a_processor_built_with_other_arguments_is_refused(parts):
     processor = TokenPackerProcessor.from_vision_text_pretrained(root / "clip", root / "llama", **TOWER)
     with pytest.raises(ValueError, match="expands <image> to 4 tokens but this config packs 16"):
         TokenPackerForConditionalGeneration.from_vision_text_pretrained(
-            root / "clip", root / "llama", processor=processor, **{**TOWER, "scale_factor": 1})
+            root / "clip", root / "llama", processor=processor, **{**TOWER, "scale_factor": 1}
+        )
 
 
 def test_an_image_token_the_tokenizer_splits_is_named(tmp_path):
@@ -302,9 +326,26 @@ def test_an_image_token_the_tokenizer_splits_is_named(tmp_path):
 
 
 def run_train(tmp_path, *args: str) -> None:
-    command = [sys.executable, str(REPO_ROOT / "examples" / "train.py"), "--data_path", str(small_dataset(tmp_path)),
-               "--image_folder", str(tmp_path / "images"), "--max_steps", "2", "--per_device_train_batch_size", "2",
-               "--use_cpu", "--report_to", "none", "--save_strategy", "no", "--learning_rate", "1e-2", *args]
+    command = [
+        sys.executable,
+        str(REPO_ROOT / "examples" / "train.py"),
+        "--data_path",
+        str(small_dataset(tmp_path)),
+        "--image_folder",
+        str(tmp_path / "images"),
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--use_cpu",
+        "--report_to",
+        "none",
+        "--save_strategy",
+        "no",
+        "--learning_rate",
+        "1e-2",
+        *args,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -312,8 +353,21 @@ def run_train(tmp_path, *args: str) -> None:
 
 def test_train_py_stage1_from_parts_trains_only_the_projector_and_stage2_continues_from_it(parts, tmp_path):
     root, sources = parts
-    run_train(tmp_path, "--vision_tower", str(root / "clip"), "--language_model", str(root / "llama"),
-              "--region_feature_layers", "1", "2", "3", "--preset", "stage1", "--output_dir", str(tmp_path / "s1"))
+    run_train(
+        tmp_path,
+        "--vision_tower",
+        str(root / "clip"),
+        "--language_model",
+        str(root / "llama"),
+        "--region_feature_layers",
+        "1",
+        "2",
+        "3",
+        "--preset",
+        "stage1",
+        "--output_dir",
+        str(tmp_path / "s1"),
+    )
     stage1 = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "s1")
     after = stage1.state_dict()
     # Everything but the projector is still its source, byte for byte (the new <image> row aside, which
@@ -325,12 +379,20 @@ def test_train_py_stage1_from_parts_trains_only_the_projector_and_stage2_continu
         ours = after["lm_head.weight" if name == "lm_head.weight" else f"model.language_model.{name[6:]}"]
         assert torch.equal(ours[:vocab] if "embed" in name or "lm_head" in name else ours, tensor), name
 
-    run_train(tmp_path, "--model_name_or_path", str(tmp_path / "s1"), "--preset", "stage2",
-              "--output_dir", str(tmp_path / "s2"))
+    run_train(
+        tmp_path,
+        "--model_name_or_path",
+        str(tmp_path / "s1"),
+        "--preset",
+        "stage2",
+        "--output_dir",
+        str(tmp_path / "s2"),
+    )
     stage2 = TokenPackerForConditionalGeneration.from_pretrained(tmp_path / "s2").state_dict()
     changed = {name for name in after if not torch.equal(after[name], stage2[name])}
-    assert any(".language_model." in name for name in changed) and any(".multi_modal_projector." in name
-                                                                        for name in changed)
+    assert any(".language_model." in name for name in changed) and any(
+        ".multi_modal_projector." in name for name in changed
+    )
     assert not any(".vision_tower." in name for name in changed)
 
 
@@ -352,15 +414,29 @@ def run_init(*argv: str, capsys) -> tuple[int, str, str]:
 def test_init_writes_a_ready_to_train_folder_that_loads_through_remote_code(parts, tmp_path, capsys):
     root, sources = parts
     out = tmp_path / "composed"
-    code, stdout, stderr = run_init("--vision-tower", str(root / "clip"), "--language-model", str(root / "qwen2"),
-                                    "--region-feature-layers", "1", "2", "3", "--image-mode", "slice", str(out),
-                                    capsys=capsys)
+    code, stdout, stderr = run_init(
+        "--vision-tower",
+        str(root / "clip"),
+        "--language-model",
+        str(root / "qwen2"),
+        "--region-feature-layers",
+        "1",
+        "2",
+        "3",
+        "--image-mode",
+        "slice",
+        str(out),
+        capsys=capsys,
+    )
     assert code == 0, stderr
     assert stdout.strip() == str(out)
     config = json.loads((out / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_tokenpacker.TokenPackerForConditionalGeneration"
+    assert (
+        config["auto_map"]["AutoModelForImageTextToText"] == "modeling_tokenpacker.TokenPackerForConditionalGeneration"
+    )
     assert {"modeling_tokenpacker.py", "processing_tokenpacker.py", "model.safetensors", "README.md"} <= {
-        path.name for path in out.iterdir()}
+        path.name for path in out.iterdir()
+    }
     card = (out / "README.md").read_text()
     assert "freshly initialised and untrained" in card
     assert f'from_pretrained("{out}", trust_remote_code=True' in card and "converting" not in card
@@ -384,11 +460,23 @@ def test_init_bad_input_is_one_line_and_leaves_nothing(parts, tmp_path, capsys, 
         vision = str(root / "llama")
     else:
         scale = "3"  # the tiny tower has a 4×4 patch grid
-    code, _, stderr = run_init("--vision-tower", vision, "--language-model", str(root / "llama"),
-                               "--region-feature-layers", *layers, "--scale-factor", scale, str(out), capsys=capsys)
-    expected = {"output exists": "already exists and is not an empty folder",
-                "not a vit": "expected a CLIP/SigLIP-style ViT vision tower",
-                "bad scale factor": "scale_factor must divide the patch grid side 4"}[case]
+    code, _, stderr = run_init(
+        "--vision-tower",
+        vision,
+        "--language-model",
+        str(root / "llama"),
+        "--region-feature-layers",
+        *layers,
+        "--scale-factor",
+        scale,
+        str(out),
+        capsys=capsys,
+    )
+    expected = {
+        "output exists": "already exists and is not an empty folder",
+        "not a vit": "expected a CLIP/SigLIP-style ViT vision tower",
+        "bad scale factor": "scale_factor must divide the patch grid side 4",
+    }[case]
     lines = stderr.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert sorted(path.name for path in tmp_path.iterdir()) == (["new"] if case == "output exists" else [])

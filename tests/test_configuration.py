@@ -4,8 +4,9 @@ import pytest
 from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoConfig, CLIPVisionConfig
 
-from tiny import tiny_config
 from tokenpacker_hf import TokenPackerConfig
+
+from tiny import tiny_config
 
 
 def test_defaults_describe_the_released_7b_model():

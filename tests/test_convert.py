@@ -18,16 +18,8 @@ from pathlib import Path
 import pytest
 import sentencepiece
 import torch
-from original_checkpoint import TINY_LM, TINY_TOWER, Original
 from PIL import Image
-from reference.original_tokenization import (
-    SlowLlamaTokenizer,
-    expand_image_placeholders,
-    tokenizer_image_token,
-)
-from reference.original_tokenpacker import IMAGE_TOKEN_INDEX
 from safetensors import safe_open
-from subprocess_utils import run_without_package
 from transformers import AutoConfig, AutoProcessor, CLIPVisionConfig, CLIPVisionModel
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
@@ -43,6 +35,16 @@ from tokenpacker_hf.convert_tokenpacker_original import (
     resolve_scale_factor,
 )
 
+from original_checkpoint import TINY_LM, TINY_TOWER, Original
+from reference.original_tokenization import (
+    SlowLlamaTokenizer,
+    expand_image_placeholders,
+    tokenizer_image_token,
+)
+from reference.original_tokenpacker import IMAGE_TOKEN_INDEX
+from subprocess_utils import run_without_package
+
+
 def ask(processor, image: Image.Image) -> dict:
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
@@ -50,8 +52,9 @@ def ask(processor, image: Image.Image) -> dict:
 
 
 def expected_layout(image_id: int, tokens: int, grid: tuple[int, int], comma: int, newline: int, mode: str) -> list:
-    """The original's image token layout (README, "High resolution"), written out: T image ids per tile; in slice mode `,` between the tiles of a row, `\\n` after
-    each row, then the thumbnail and `\\n` when there is more than one tile."""
+    """The original's image token layout (README, "High resolution"), written out: T image ids per tile; in slice
+    mode `,` between the tiles of a row, `\\n` after each row, then the thumbnail and `\\n` when there is more than
+    one tile."""
     tile = [image_id] * tokens
     if mode != "slice":
         return tile
@@ -229,7 +232,7 @@ def test_state_dict_mapping_matches_model_keys():
     converted = convert_original_state_dict(state)
     assert not any("inv_freq" in key for key in converted)
     in_proj = state["model.mm_projector.clip_attn.in_proj_weight"]
-    for third, name in zip(in_proj.chunk(3), ("q_proj", "k_proj", "v_proj")):
+    for third, name in zip(in_proj.chunk(3), ("q_proj", "k_proj", "v_proj"), strict=True):
         assert torch.equal(converted[f"model.multi_modal_projector.region_attn.{name}.weight"], third)
     config = build_config(
         original.config(), dict(model_type="clip_vision_model", **TINY_TOWER),
@@ -252,8 +255,14 @@ def assert_refused(src: Path, dst: Path, error: type, match: str, **kwargs) -> N
 
 def test_plain_llava_mlp_projector_is_refused(tmp_path, tiny_original):
     state = {k: v for k, v in tiny_original.state_dict().items() if not k.startswith("model.mm_projector.")}
-    state.update({"model.mm_projector.0.weight": torch.zeros(48, 64), "model.mm_projector.0.bias": torch.zeros(48),
-                  "model.mm_projector.2.weight": torch.zeros(48, 48), "model.mm_projector.2.bias": torch.zeros(48)})
+    state.update(
+        {
+            "model.mm_projector.0.weight": torch.zeros(48, 64),
+            "model.mm_projector.0.bias": torch.zeros(48),
+            "model.mm_projector.2.weight": torch.zeros(48, 48),
+            "model.mm_projector.2.bias": torch.zeros(48),
+        }
+    )
     src = tiny_original.write(tmp_path / "llava-v1.5", state=state, mm_projector_type="mlp2x_gelu")
     assert_refused(src, tmp_path / "out", ConversionError, r"not a TokenPacker checkpoint.*0\.weight.*mlp2x_gelu")
 
@@ -261,13 +270,29 @@ def test_plain_llava_mlp_projector_is_refused(tmp_path, tiny_original):
 @pytest.mark.parametrize(
     "edit, match",
     [
-        (lambda s: s.pop("model.layers.1.mlp.down_proj.weight"), r"missing keys \(1\): model\.language_model\.layers\.1\.mlp\.down_proj\.weight"),
-        (lambda s: s.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)}), r"unexpected keys \(1\): model\.language_model\.layers\.7"),
-        (lambda s: s.update({"model.mm_projector.mlp.2.weight": torch.zeros(48, 40)}), r"wrong shapes \(1\): model\.multi_modal_projector\.output_proj\.fc2\.weight: expected \[48, 48\], found \[48, 40\]"),
-        (lambda s: s.update({"extra.head.weight": torch.zeros(2)}), r"unexpected checkpoint keys: extra\.head\.weight"),
-        (lambda s: s.update({"model.mm_projector.resampler.weight": torch.zeros(2)}), r"unexpected TokenPacker projector keys: resampler\.weight"),
+        (
+            lambda s: s.pop("model.layers.1.mlp.down_proj.weight"),
+            r"missing keys \(1\): model\.language_model\.layers\.1\.mlp\.down_proj\.weight",
+        ),
+        (
+            lambda s: s.update({"model.layers.7.mlp.up_proj.weight": torch.zeros(2, 2)}),
+            r"unexpected keys \(1\): model\.language_model\.layers\.7",
+        ),
+        (
+            lambda s: s.update({"model.mm_projector.mlp.2.weight": torch.zeros(48, 40)}),
+            r"wrong shapes \(1\): model\.multi_modal_projector\.output_proj\.fc2\.weight: "
+            r"expected \[48, 48\], found \[48, 40\]",
+        ),
+        (
+            lambda s: s.update({"extra.head.weight": torch.zeros(2)}),
+            r"unexpected checkpoint keys: extra\.head\.weight",
+        ),
+        (
+            lambda s: s.update({"model.mm_projector.resampler.weight": torch.zeros(2)}),
+            r"unexpected TokenPacker projector keys: resampler\.weight",
+        ),
     ],
-)  # fmt: skip
+)
 def test_missing_unexpected_and_misshaped_keys_are_listed(tmp_path, tiny_original, edit, match):
     state = tiny_original.state_dict()
     edit(state)
@@ -321,8 +346,9 @@ def test_hub_repo_is_downloaded_converted_and_pushed(tmp_path, tiny_original, mo
     """SRC as a repo id on a local server speaking the Hub API (the scale factor only in its name), the result
     pushed to another repo with its model card."""
     import huggingface_hub.constants as hf_constants
-    from hub_server import LocalHub, point_clients_at
     from huggingface_hub import HfApi
+
+    from hub_server import LocalHub, point_clients_at
 
     src = tiny_original.write(tmp_path / "src", fmt="safetensors", shards=2, scale_factor=None)
     monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
@@ -336,7 +362,9 @@ def test_hub_repo_is_downloaded_converted_and_pushed(tmp_path, tiny_original, mo
     assert pushed["model-00001-of-00002.safetensors"] == (dst / "model-00001-of-00002.safetensors").read_bytes()
     card = pushed["README.md"].decode()
     assert "base_model:\n- sunshine-lwt/TokenPacker-tiny-144token\n" in card
-    assert "\n# tokenpacker-tiny\n" in card and 'from_pretrained("user/tokenpacker-tiny", trust_remote_code=True' in card
+    assert (
+        "\n# tokenpacker-tiny\n" in card and 'from_pretrained("user/tokenpacker-tiny", trust_remote_code=True' in card
+    )
     assert TokenPackerForConditionalGeneration.from_pretrained(dst).config.scale_factor == 2
 
 

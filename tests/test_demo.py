@@ -73,13 +73,17 @@ def submit(driver, image: Path | None, question: str, model: str | None = None) 
 
     if image is not None:
         driver.find_element(By.ID, "file").send_keys(str(image))
-        WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, "preview").get_attribute("src").startswith("data:"))
+        WebDriverWait(driver, 10).until(
+            lambda d: d.find_element(By.ID, "preview").get_attribute("src").startswith("data:")
+        )
     for field, value in (("question", question), ("model", model)):
         if value is not None:
             driver.find_element(By.ID, field).clear()
             driver.find_element(By.ID, field).send_keys(value)
     driver.find_element(By.ID, "ask").click()
-    WebDriverWait(driver, 60).until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error"))
+    WebDriverWait(driver, 60).until(
+        lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-state") in ("done", "error")
+    )
     return driver.find_element(By.TAG_NAME, "body").get_attribute("data-state")
 
 
@@ -106,9 +110,11 @@ def test_page_reads_the_sample_grid_and_shows_what_tokenpacker_saved(demo_url, b
 def test_requests_without_an_image_or_question_are_one_message(demo_url):
     sample = "data:image/png;base64," + base64.b64encode(SAMPLE.read_bytes()).decode()
     assert ask_over_http(demo_url, {"question": "Read the digits."}) == [
-        {"error": "no image: choose an image file (PNG, JPEG, ...)"}]
+        {"error": "no image: choose an image file (PNG, JPEG, ...)"}
+    ]
     assert ask_over_http(demo_url, {"image": sample, "question": " "}) == [
-        {"error": "no question: type what to ask about the image"}]
+        {"error": "no question: type what to ask about the image"}
+    ]
     events = ask_over_http(demo_url, {"image": sample, "question": "Read the digits."})
     assert events[0]["stats"]["image_tokens"] == 4 and events[-1]["done"]["answer"] == "3168"
     assert "".join(event.get("text", "") for event in events) == "3168"
@@ -120,7 +126,10 @@ def test_demo_with_a_missing_model_or_image_is_one_error_line(tmp_path, capsys):
     assert main(["demo", "--model", str(tmp_path / "missing"), "--image", ""]) == 2
     assert capsys.readouterr() == ("", f"error: no model folder at {tmp_path / 'missing'}\n")
     assert main(["demo", "--image", str(tmp_path / "missing.png")]) == 2
-    assert capsys.readouterr().err == f"error: image not found: {tmp_path / 'missing.png'} (pass --image, or --image '' for none)\n"
+    assert (
+        capsys.readouterr().err
+        == f"error: image not found: {tmp_path / 'missing.png'} (pass --image, or --image '' for none)\n"
+    )
 
 
 def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp_path, capsys):
@@ -129,13 +138,14 @@ def test_slice_mode_stats_name_the_grid_and_the_answer_is_the_command_line_s(tmp
     the streamed pieces add up to what `generate` prints."""
     import numpy as np
     import torch
-    from builders import make_processor
     from PIL import Image
 
     from tokenpacker_hf import TokenPackerForConditionalGeneration
     from tokenpacker_hf.cli import build_parser, main
     from tokenpacker_hf.demo import Demo
     from tokenpacker_hf.tiny import tiny_config
+
+    from builders import make_processor
 
     torch.manual_seed(0)
     config, folder = tiny_config(), tmp_path / "hd"

@@ -94,7 +94,7 @@ def test_a_noiseless_grid_shows_the_scans_in_raster_order(cell):
     rows = np.arange(cell) * 8 // cell  # nearest neighbour
     for position, image in enumerate(images):
         top, left = divmod(position, 2)
-        tile = grid[top * cell:(top + 1) * cell, left * cell:(left + 1) * cell, 0]
+        tile = grid[top * cell : (top + 1) * cell, left * cell : (left + 1) * cell, 0]
         np.testing.assert_array_equal(tile, np.round(image[rows][:, rows] * 255))
 
 

@@ -15,12 +15,13 @@ import pytest
 import torch
 import yaml
 from accelerate.utils import FullyShardedDataParallelPlugin
-from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, write_llava_dataset
-from tiny import tiny_config
 
 import tokenpacker_hf
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.training import TokenPackerCollator, encode_conversation, llava_to_messages
+
+from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, write_llava_dataset
+from tiny import tiny_config
 
 STEPS = 6
 # fp32 on both sides; only the reduction order differs (per-rank sums all-reduced, batches of 2 instead of 4 with
@@ -108,8 +109,15 @@ def assert_trains_as_single_process(root: Path, output: Path) -> None:
 @pytest.mark.skipif(FSDP2_MISSING, reason="this accelerate has no FSDP2 (fsdp_version), which fsdp_cpu.yaml needs")
 def test_fsdp2_two_cpu_processes_match_one_process_and_save_a_loadable_checkpoint(single_process):
     root, output = single_process, single_process / "fsdp"
-    accelerate = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                  str(REPO_ROOT / "examples" / "configs" / "fsdp_cpu.yaml"), "--main_process_port", str(free_port())]
+    accelerate = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(REPO_ROOT / "examples" / "configs" / "fsdp_cpu.yaml"),
+        "--main_process_port",
+        str(free_port()),
+    ]
     run(accelerate + train_command(root / "model", root / "data" / "data.json", output, per_device_batch=2), root)
 
     # accelerate's FSDP checkpointing wrote these: the run was sharded, not a silent fallback to DDP.
@@ -131,8 +139,15 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_save_a_loadable_checkpoin
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_zero3_two_cpu_processes_match_one_process(single_process):
     root, output = single_process, single_process / "zero3"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                "--master_port", str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
     command = train_command(root / "model", root / "data" / "data.json", output, per_device_batch=2)
     # Without --use_cpu, which makes accelerate drop DeepSpeed; train.py puts it on the CPU over gloo.
     command.remove("--use_cpu")
@@ -149,7 +164,9 @@ def test_fsdp_cpu_config_is_the_gpu_config_on_two_cpu_processes():
     configs = REPO_ROOT / "examples" / "configs"
     gpu, cpu = (yaml.safe_load((configs / name).read_text()) for name in ("fsdp.yaml", "fsdp_cpu.yaml"))
     assert {key for key in gpu.keys() | cpu.keys() if gpu.get(key) != cpu.get(key)} == {
-        "use_cpu", "num_processes", "mixed_precision"
+        "use_cpu",
+        "num_processes",
+        "mixed_precision",
     }
     assert cpu["use_cpu"] is True and cpu["num_processes"] == 2 and cpu["mixed_precision"] == "no"
 

@@ -7,13 +7,14 @@ import textwrap
 
 import torch
 import yaml
+
+from tokenpacker_hf import TokenPackerForConditionalGeneration
+from tokenpacker_hf.hub import push_to_hub
+
 from builders import example_inputs, make_processor, trained_looking_lora
 from hub_server import LocalHub, hub_env
 from subprocess_utils import run_without_package
 from tiny import tiny_config
-
-from tokenpacker_hf import TokenPackerForConditionalGeneration
-from tokenpacker_hf.hub import push_to_hub
 
 BASES = ["openai/clip-vit-large-patch14-336", "lmsys/vicuna-7b-v1.5"]
 

@@ -50,7 +50,9 @@ def test_upload_folder_then_download_into_a_fresh_cache(local_hub, folder, tmp_p
     downloaded = hf_hub_download(REPO, "weights/blob.bin", cache_dir=cache, endpoint=local_hub.url, token=DUMMY_TOKEN)
     assert Path(downloaded).read_bytes() == BINARY
 
-    snapshot = Path(snapshot_download(REPO, cache_dir=tmp_path / "other_cache", endpoint=local_hub.url, token=DUMMY_TOKEN))
+    snapshot = Path(
+        snapshot_download(REPO, cache_dir=tmp_path / "other_cache", endpoint=local_hub.url, token=DUMMY_TOKEN)
+    )
     assert local_files(snapshot) == local_files(folder)
     # The upload went through the inline ("regular") path, so the server saw a preupload and one NDJSON commit.
     assert ("POST", f"/api/models/{REPO}/preupload/main") in local_hub.requests
@@ -64,8 +66,9 @@ def test_missing_file_and_missing_repo_raise_the_hub_errors(local_hub, folder, t
     with pytest.raises(RepositoryNotFoundError):
         hf_hub_download("user/absent", "config.json", cache_dir=tmp_path, endpoint=local_hub.url, token=DUMMY_TOKEN)
     with pytest.raises(RevisionNotFoundError):
-        hf_hub_download(REPO, "config.json", revision="f" * 40, cache_dir=tmp_path, endpoint=local_hub.url,
-                        token=DUMMY_TOKEN)
+        hf_hub_download(
+            REPO, "config.json", revision="f" * 40, cache_dir=tmp_path, endpoint=local_hub.url, token=DUMMY_TOKEN
+        )
 
 
 def test_create_repo_conflicts_unless_exist_ok(local_hub):
@@ -87,8 +90,9 @@ def test_commits_keep_history_and_tree_listing_follows_them(local_hub, folder, t
     assert sorted(f.rfilename for f in api.model_info(REPO).siblings) == ["README.md", "config.json"]
 
     # The first commit is still addressable, as on the real Hub.
-    old = hf_hub_download(REPO, "weights/blob.bin", revision=first, cache_dir=tmp_path, endpoint=local_hub.url,
-                          token=DUMMY_TOKEN)
+    old = hf_hub_download(
+        REPO, "weights/blob.bin", revision=first, cache_dir=tmp_path, endpoint=local_hub.url, token=DUMMY_TOKEN
+    )
     assert Path(old).read_bytes() == BINARY
     top = {entry.path for entry in api.list_repo_tree(REPO, revision=first)}
     assert top == {"README.md", "config.json", "weights"}
@@ -120,8 +124,14 @@ def test_closed_port_refuses_connections(tmp_path):
 
 def test_push_to_hub_then_from_pretrained_gives_equal_logits(local_hub, tmp_path):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+    )
     model = LlamaForCausalLM(config).eval()
     input_ids = torch.tensor([[1, 5, 9, 33, 2]])
 
@@ -139,13 +149,21 @@ def test_point_clients_at_restores_the_clients(local_hub, monkeypatch):
     import transformers.utils.hub as transformers_hub
 
     monkeypatch.delenv("HF_TOKEN", raising=False)
-    before = (hf_constants.ENDPOINT, hf_constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_constants.HF_HUB_OFFLINE,
-              transformers_hub._hf_api)
+    before = (
+        hf_constants.ENDPOINT,
+        hf_constants.HUGGINGFACE_CO_URL_TEMPLATE,
+        hf_constants.HF_HUB_OFFLINE,
+        transformers_hub._hf_api,
+    )
     with point_clients_at(local_hub):
         assert transformers_hub.hf_api().endpoint == local_hub.url
         assert HfApi().endpoint == local_hub.url
-    after = (hf_constants.ENDPOINT, hf_constants.HUGGINGFACE_CO_URL_TEMPLATE, hf_constants.HF_HUB_OFFLINE,
-             transformers_hub._hf_api)
+    after = (
+        hf_constants.ENDPOINT,
+        hf_constants.HUGGINGFACE_CO_URL_TEMPLATE,
+        hf_constants.HF_HUB_OFFLINE,
+        transformers_hub._hf_api,
+    )
     assert after[:3] == before[:3] and after[3] is before[3]
     assert "HF_TOKEN" not in os.environ
 
@@ -160,7 +178,8 @@ def test_a_subprocess_downloads_with_hub_env(local_hub, folder, tmp_path):
         sys.stdout.buffer.write(open(path, "rb").read())
     """)
     hf_home = tmp_path / "child_home"
-    result = subprocess.run([sys.executable, "-c", code, str(hf_home)], env=hub_env(local_hub, hf_home),
-                            capture_output=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(hf_home)], env=hub_env(local_hub, hf_home), capture_output=True, timeout=60
+    )
     assert result.returncode == 0, result.stderr.decode()
     assert result.stdout == BINARY

@@ -16,7 +16,6 @@ from hypothesis import strategies as st
 from PIL import Image
 from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-from tiny import tiny_config
 from tokenpacker_hf import image_processing_tokenpacker as image_processing
 from tokenpacker_hf.image_processing_tokenpacker import (
     SLICE_GRIDS,
@@ -25,6 +24,8 @@ from tokenpacker_hf.image_processing_tokenpacker import (
     get_slice_grid,
     num_tiles,
 )
+
+from tiny import tiny_config
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -209,8 +210,8 @@ def test_slice_mode_matches_the_original_pipeline(size):
 
 
 def test_thumbnail_quirk_on_480x640():
-    """The original's thumbnail quirk: 480×640 (pn 9) -> 2×3 canvas of 672×1008 holding a 672×896 image; the 252×336 thumbnail is
-    made from the canvas, so its real content spans only ~299 of its 336 columns."""
+    """The original's thumbnail quirk: 480×640 (pn 9) -> 2×3 canvas of 672×1008 holding a 672×896 image; the
+    252×336 thumbnail is made from the canvas, so its real content spans only ~299 of its 336 columns."""
     image = Image.new("RGB", (640, 480), (250, 20, 20))  # far from the mean: clearly non-zero when normalised
     tiles = TokenPackerImageProcessor(image_mode="slice")(image)["pixel_values"]
     assert tiles.shape[0] == 2 * 3 + 1
@@ -263,8 +264,10 @@ def test_batch_layout_is_image_by_image():
 
 @pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "CMYK", "I;16", "1", "F"])
 def test_any_pil_mode_is_converted_to_rgb(mode):
-    image = noise_image(20, 12, seed=5).convert(mode) if mode != "I;16" else Image.fromarray(
-        np.full((12, 20), 40000, dtype=np.uint16)
+    image = (
+        noise_image(20, 12, seed=5).convert(mode)
+        if mode != "I;16"
+        else Image.fromarray(np.full((12, 20), 40000, dtype=np.uint16))
     )
     for image_mode in ("pad", "slice"):
         out = TokenPackerImageProcessor(image_mode=image_mode, tile_size=16)(image)
@@ -508,7 +511,11 @@ def test_a_100_megapixel_rgb_image_in_pad_mode_stays_within_two_rgb_copies(tmp_p
 
 def test_save_and_load_round_trip(tmp_path):
     processor = TokenPackerImageProcessor(
-        image_mode="slice", max_slices=16, tile_size=16, thumbnail_from="image", image_mean=[0.5, 0.4, 0.3],
+        image_mode="slice",
+        max_slices=16,
+        tile_size=16,
+        thumbnail_from="image",
+        image_mean=[0.5, 0.4, 0.3],
         box_reduce_large_images=True,
     )
     processor.save_pretrained(tmp_path)

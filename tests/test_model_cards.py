@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from builders import make_processor
-from card_utils import image_proxy, python_block
 from huggingface_hub import ModelCard
 from PIL import Image
-from subprocess_utils import run_without_package
 
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
-from tokenpacker_hf.tiny import tiny_config
 from tokenpacker_hf.hub import CardExample, model_card
+from tokenpacker_hf.tiny import tiny_config
+
+from builders import make_processor
+from card_utils import image_proxy, python_block
+from subprocess_utils import run_without_package
 
 REPO = Path(__file__).resolve().parents[1]
 DIGITS = REPO / "examples" / "models" / "tokenpacker-digits"
@@ -86,8 +87,13 @@ def test_generic_card_snippet_runs_as_written_on_a_saved_folder(tmp_path):
     TokenPackerForConditionalGeneration(config).save_pretrained(folder)
     processor = make_processor()
     processor.save_pretrained(folder)
-    card = model_card(config, "my-tokenpacker", image_processor=processor.image_processor,
-                      base_models=["openai/clip-vit-large-patch14-336"], datasets=["liuhaotian/LLaVA-Instruct-150K"])  # fmt: skip
+    card = model_card(
+        config,
+        "my-tokenpacker",
+        image_processor=processor.image_processor,
+        base_models=["openai/clip-vit-large-patch14-336"],
+        datasets=["liuhaotian/LLaVA-Instruct-150K"],
+    )
     card.save(folder / "README.md")
 
     run_generic_snippet(str(card), cwd=tmp_path)

@@ -4,11 +4,13 @@ import pytest
 import torch
 from transformers import AutoModel, AutoModelForImageTextToText, DynamicCache, SiglipVisionConfig
 
-from builders import TOKENS, make_model, pixels, prompt
-from tiny import IMAGE_TOKEN_ID, tiny_config, vision_config
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.image_processing_tokenpacker import num_tiles
 from tokenpacker_hf.modeling_tokenpacker import tiles_per_image
+
+from builders import TOKENS, make_model, pixels, prompt
+from tiny import IMAGE_TOKEN_ID, tiny_config, vision_config
+
 
 def count_runs(module: torch.nn.Module, calls: list[int], index: int = 0) -> None:
     """Counts runs of `module.forward` in `calls[index]`. Wrapping `forward` (not a hook on `__call__`) also
@@ -36,8 +38,14 @@ class LayerCounter:
 
 @pytest.mark.parametrize(
     "projector_type, scale_factor, tokens",
-    [("tokenpacker", 1, 16), ("tokenpacker", 2, 4), ("tokenpacker", 4, 1), ("mlp", 2, 16), ("avg_pool", 2, 4),
-     ("pixel_shuffle", 4, 1)],
+    [
+        ("tokenpacker", 1, 16),
+        ("tokenpacker", 2, 4),
+        ("tokenpacker", 4, 1),
+        ("mlp", 2, 16),
+        ("avg_pool", 2, 4),
+        ("pixel_shuffle", 4, 1),
+    ],
 )
 def test_forward_shapes_for_every_projector(projector_type, scale_factor, tokens):
     model = make_model(projector_type=projector_type, scale_factor=scale_factor)
@@ -72,9 +80,12 @@ def test_projector_inputs_equal_the_full_towers_hidden_states():
 
 
 def test_siglip_tower_without_cls_uses_full_strategy():
-    siglip = SiglipVisionConfig(**{k: v for k, v in vision_config().items() if k not in ("model_type", "projection_dim")})
-    config = TokenPackerConfig(**{**tiny_config().to_dict(), "vision_config": siglip.to_dict(),
-                                  "vision_feature_select_strategy": "full"})
+    siglip = SiglipVisionConfig(
+        **{k: v for k, v in vision_config().items() if k not in ("model_type", "projection_dim")}
+    )
+    config = TokenPackerConfig(
+        **{**tiny_config().to_dict(), "vision_config": siglip.to_dict(), "vision_feature_select_strategy": "full"}
+    )
     model = TokenPackerForConditionalGeneration(config).eval()
     assert type(model.model.vision_tower).__name__ == "SiglipVisionModel"
     out = model(input_ids=torch.tensor([prompt()]), pixel_values=pixels(1))
@@ -123,8 +134,14 @@ def test_save_load_round_trip_twice_and_auto_classes(tmp_path):
     expected = model(input_ids=ids, pixel_values=pv).logits
     model.save_pretrained(tmp_path / "a")
     files = {p.name for p in (tmp_path / "a").iterdir()}
-    assert {"config.json", "generation_config.json", "model.safetensors", "configuration_tokenpacker.py",
-            "modeling_tokenpacker.py", "projector_tokenpacker.py"} <= files
+    assert {
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "configuration_tokenpacker.py",
+        "modeling_tokenpacker.py",
+        "projector_tokenpacker.py",
+    } <= files
     auto_map = json.loads((tmp_path / "a" / "config.json").read_text())["auto_map"]
     assert set(auto_map) >= {"AutoConfig", "AutoModel", "AutoModelForImageTextToText"}
 
@@ -188,8 +205,9 @@ def test_sdpa_and_eager_agree_and_the_projector_follows_the_choice(tmp_path):
     assert sdpa.model.multi_modal_projector.region_attn.config._attn_implementation == "sdpa"
     assert eager.model.multi_modal_projector.region_attn.config._attn_implementation == "eager"
     assert eager.config.vision_config._attn_implementation == "eager"
-    torch.testing.assert_close(sdpa(input_ids=ids, pixel_values=pv).logits, eager(input_ids=ids, pixel_values=pv).logits,
-                               rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        sdpa(input_ids=ids, pixel_values=pv).logits, eager(input_ids=ids, pixel_values=pv).logits, rtol=1e-4, atol=1e-5
+    )
 
     calls = []
     from tokenpacker_hf import projector_tokenpacker
@@ -219,7 +237,9 @@ def test_device_map_auto_splits_at_layer_boundaries_and_matches(tmp_path):
     assert not any(key.startswith("model.multi_modal_projector.") for key in placement)
     assert not any(".layers.0." in key for key in placement)
     assert {"CLIPEncoderLayer", "LlamaDecoderLayer", "TokenPackerProjector"} <= set(mapped._no_split_modules)
-    torch.testing.assert_close(mapped(input_ids=ids, pixel_values=pv).logits, model(input_ids=ids, pixel_values=pv).logits)
+    torch.testing.assert_close(
+        mapped(input_ids=ids, pixel_values=pv).logits, model(input_ids=ids, pixel_values=pv).logits
+    )
 
 
 # --- generation ----------------------------------------------------------------------------------
@@ -251,8 +271,9 @@ def test_left_padded_batch_generates_what_each_prompt_does_alone():
     mask = torch.tensor([[0] * pad + [1] * len(short), [1] * len(long)])
     together = model.generate(input_ids=batch, attention_mask=mask, pixel_values=pv, max_new_tokens=5, do_sample=False)
     for row, ids, tile in ((0, short, 0), (1, long, 1)):
-        alone = model.generate(input_ids=torch.tensor([ids]), pixel_values=pv[tile : tile + 1], max_new_tokens=5,
-                               do_sample=False)
+        alone = model.generate(
+            input_ids=torch.tensor([ids]), pixel_values=pv[tile : tile + 1], max_new_tokens=5, do_sample=False
+        )
         assert together[row, -5:].tolist() == alone[0, -5:].tolist()
 
 
@@ -265,15 +286,36 @@ def test_beam_search_and_several_return_sequences_with_images_of_different_grids
     batch = torch.tensor([[0] * pad + a, b])
     mask = torch.tensor([[0] * pad + [1] * len(a), [1] * len(b)])
     pv = pixels(4)
-    beams = model.generate(input_ids=batch, attention_mask=mask, pixel_values=pv, image_grids=grids,
-                           max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    beams = model.generate(
+        input_ids=batch,
+        attention_mask=mask,
+        pixel_values=pv,
+        image_grids=grids,
+        max_new_tokens=4,
+        num_beams=3,
+        num_return_sequences=2,
+        do_sample=False,
+    )
     assert beams.shape == (4, len(b) + 4)
     # The best beam for each prompt equals that prompt's beam search alone.
-    alone = model.generate(input_ids=torch.tensor([b]), pixel_values=pv[1:], image_grids=grids[1:],
-                           max_new_tokens=4, num_beams=3, do_sample=False)
+    alone = model.generate(
+        input_ids=torch.tensor([b]),
+        pixel_values=pv[1:],
+        image_grids=grids[1:],
+        max_new_tokens=4,
+        num_beams=3,
+        do_sample=False,
+    )
     assert beams[2, -4:].tolist() == alone[0, -4:].tolist()
-    sampled = model.generate(input_ids=batch, attention_mask=mask, pixel_values=pv, image_grids=grids,
-                             max_new_tokens=4, do_sample=True, num_return_sequences=3)
+    sampled = model.generate(
+        input_ids=batch,
+        attention_mask=mask,
+        pixel_values=pv,
+        image_grids=grids,
+        max_new_tokens=4,
+        do_sample=True,
+        num_return_sequences=3,
+    )
     assert sampled.shape == (6, len(b) + 4)
 
 

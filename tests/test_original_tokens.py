@@ -7,6 +7,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
+from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor
+
 from llama_vocab import package_test_cases
 from reference.original_tokenization import (
     IMAGE_TOKEN_INDEX,
@@ -15,8 +18,6 @@ from reference.original_tokenization import (
     expand_image_placeholders,
     tokenizer_image_token,
 )
-from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
-from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor
 
 T = 4
 IMAGE_ID, COMMA_ID, UNK_ID = 32000, 29892, 0
@@ -67,7 +68,13 @@ def test_llama_vocabulary_has_the_known_ids(llama_tokenizers):
     for tokenizer in llama_tokenizers.values():
         assert len(tokenizer) == 32001  # 32,000 pieces and <image>
         assert tokenizer.convert_tokens_to_ids([",", "\u2581", "<0x0A>", "</s>", "<unk>", "<s>", "<image>"]) == [
-            29892, 29871, 13, 2, 0, 1, 32000,
+            29892,
+            29871,
+            13,
+            2,
+            0,
+            1,
+            32000,
         ]
 
 
@@ -147,7 +154,9 @@ def test_offsets_cover_the_prompt(llama_tokenizers):
     for tokenizer in llama_tokenizers.values():
         ids, offsets = make_processor(tokenizer, "pad").encode_prompt(prompt)
         assert len(ids) == len(offsets) and offsets[0] == (0, 0)
-        assert [prompt[begin:end] for token, (begin, end) in zip(ids, offsets) if token == IMAGE_ID] == ["<image>"] * 2
+        assert [prompt[begin:end] for token, (begin, end) in zip(ids, offsets, strict=True) if token == IMAGE_ID] == [
+            "<image>"
+        ] * 2
         spans = [span for span in offsets if span[1] > span[0]]
         distinct = [span for index, span in enumerate(spans) if index == 0 or span != spans[index - 1]]
         assert "".join(prompt[begin:end] for begin, end in distinct) == prompt

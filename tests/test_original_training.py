@@ -7,6 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
+from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor
+from tokenpacker_hf.training import encode_conversation, llava_to_messages
+
 from reference.original_tokenization import (
     IGNORE_INDEX,
     IMAGE_TOKEN_INDEX,
@@ -16,9 +20,6 @@ from reference.original_tokenization import (
     preprocess_multimodal,
     preprocess_v1,
 )
-from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor
-from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor
-from tokenpacker_hf.training import encode_conversation, llava_to_messages
 
 T = 4
 IMAGE_ID, COMMA_ID, UNK_ID = 32000, 29892, 0
@@ -63,9 +64,11 @@ def original_sample(conversation, tokenizer, grids, image_mode):
     """The original's (input_ids, labels) of one sample, each -200 expanded to its image positions."""
     has_image = any("<image>" in turn["value"] for turn in conversation)
     ids, labels = preprocess_v1(preprocess_multimodal([conversation]), tokenizer, has_image)
-    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels) if token == IMAGE_TOKEN_INDEX)
+    assert all(label == IGNORE_INDEX for token, label in zip(ids, labels, strict=True) if token == IMAGE_TOKEN_INDEX)
     # The image's label positions are found through its -200 in the ids, as `prepare_inputs_labels_for_multimodal`.
-    marked = [IMAGE_TOKEN_INDEX if token == IMAGE_TOKEN_INDEX else label for token, label in zip(ids, labels)]
+    marked = [
+        IMAGE_TOKEN_INDEX if token == IMAGE_TOKEN_INDEX else label for token, label in zip(ids, labels, strict=True)
+    ]
     expand = dict(grids=grids, mode=image_mode, tokens_per_tile=T)
     return (
         expand_image_placeholders(ids, image_value=IMAGE_ID, separator_values=(COMMA_ID, UNK_ID), **expand),
@@ -96,7 +99,10 @@ def test_rendering_keeps_the_whitespace_the_original_keeps():
     ends (docs/prompt_tokens.md)."""
     conversation = turns("<image>\nWhat is it?", "A cat.", "Are you sure?\n", "Yes.")
     assert [m["content"] for m in llava_to_messages(conversation)] == [
-        "<image>\nWhat is it?", "A cat.", "Are you sure?\n", "Yes."
+        "<image>\nWhat is it?",
+        "A cat.",
+        "Are you sure?\n",
+        "Yes.",
     ]
     assert llava_to_messages(turns(" Translate 'cat' to French.\n", "chat"))[0]["content"] == (
         " Translate 'cat' to French.\n"

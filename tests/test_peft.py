@@ -6,12 +6,13 @@ from __future__ import annotations
 import textwrap
 
 import torch
-from builders import example_inputs, make_processor, trained_looking_lora
 from safetensors import safe_open
-from subprocess_utils import run_without_package
-from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
+
+from builders import example_inputs, make_processor, trained_looking_lora
+from subprocess_utils import run_without_package
+from tiny import tiny_config
 
 
 def test_adapter_holds_lm_lora_and_the_full_projector_only(tmp_path):
@@ -30,8 +31,9 @@ def test_adapter_holds_lm_lora_and_the_full_projector_only(tmp_path):
     projector = {key for key in keys if ".lora_" not in key}
     # PEFT stores the trained projector copy under the original module's parameter names.
     plain_projector = TokenPackerForConditionalGeneration(tiny_config()).model.multi_modal_projector
-    assert projector == {f"base_model.model.model.multi_modal_projector.{name}" for name, _ in
-                         plain_projector.named_parameters()}
+    assert projector == {
+        f"base_model.model.model.multi_modal_projector.{name}" for name, _ in plain_projector.named_parameters()
+    }
 
 
 def test_lora_round_trip_through_remote_code_with_equal_logits(tmp_path):

@@ -11,11 +11,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
+from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor, count_image_tokens
+
 from builders import PROMPT, make_processor, noise_image
 from subprocess_utils import run_without_package
 from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
-from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
-from tokenpacker_hf.processing_tokenpacker import VICUNA_V1_SYSTEM, TokenPackerProcessor, count_image_tokens
 
 T = 4  # tokens per tile of the tiny config (4×4 patch grid, s = 2)
 COMMA, NEWLINE = 16, 3  # convert_tokens_to_ids(",") and the <unk> fallback of convert_tokens_to_ids("\n")
@@ -146,7 +147,7 @@ def test_padding_and_attention_mask_come_from_real_padding(side):
     lengths = [1 * 3 + count_image_tokens(2, 3, T), count_image_tokens(1, 1, T) + len(" a longer question")]
     assert out["input_ids"].shape == (2, max(lengths))
     assert out["attention_mask"].sum(dim=1).tolist() == lengths
-    for row, (ids, mask) in enumerate(zip(out["input_ids"], out["attention_mask"])):
+    for row, (ids, mask) in enumerate(zip(out["input_ids"], out["attention_mask"], strict=True)):
         pad = max(lengths) - lengths[row]
         padded = slice(0, pad) if side == "left" else slice(lengths[row], None)
         assert (mask[padded] == 0).all() and (ids[padded] == 0).all()
@@ -333,7 +334,7 @@ def test_processor_output_drives_generate(model, image_mode):
     generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape == (2, inputs["input_ids"].shape[1] + 4)
     # Left padding: each prompt generates what it generates alone.
-    for index, (image, text) in enumerate(zip(images, ["<image> what?", "a <image> b"])):
+    for index, (image, text) in enumerate(zip(images, ["<image> what?", "a <image> b"], strict=True)):
         alone = processor(images=image, text=text, return_tensors="pt")
         single = model.generate(**alone, max_new_tokens=4, do_sample=False)
         assert generated[index, -4:].tolist() == single[0, -4:].tolist()

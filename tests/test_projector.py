@@ -7,21 +7,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import load_file, save_file
+from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 
-from reference.original_tokenpacker import (
-    IMAGE_TOKEN_INDEX,
-    OriginalTokenPacker,
-    original_feature_select,
-    original_multimodal_forward,
-    random_init_,
-)
-from tiny import tiny_config, vision_config
 from tokenpacker_hf.configuration_tokenpacker import TokenPackerConfig
-from tokenpacker_hf.modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.convert_tokenpacker_original import convert_original_projector_state_dict
+from tokenpacker_hf.modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.projector_tokenpacker import (
     AvgPoolProjector,
     MLPProjector,
@@ -32,6 +24,15 @@ from tokenpacker_hf.projector_tokenpacker import (
     group_regions,
     space_to_depth,
 )
+
+from reference.original_tokenpacker import (
+    IMAGE_TOKEN_INDEX,
+    OriginalTokenPacker,
+    original_feature_select,
+    original_multimodal_forward,
+    random_init_,
+)
+from tiny import tiny_config, vision_config
 
 PATCH = 4  # pixels per patch in the test configs; only the grid side G = image_size / PATCH matters here
 
@@ -48,8 +49,9 @@ def make_config(
 ) -> TokenPackerConfig:
     """A projector config with a G×G patch grid and `levels` region levels (tower and LM are never built)."""
     return tiny_config(
-        vision=dict(hidden_size=vision_width, image_size=grid * PATCH, patch_size=PATCH,
-                    num_hidden_layers=max(4, levels)),
+        vision=dict(
+            hidden_size=vision_width, image_size=grid * PATCH, patch_size=PATCH, num_hidden_layers=max(4, levels)
+        ),
         text=dict(hidden_size=text_width),
         region_feature_layers=list(range(1, levels + 1)),
         scale_factor=scale_factor,
@@ -62,10 +64,23 @@ def make_config(
 def clip_large_config(scale_factor: int, text_width: int = 256) -> TokenPackerConfig:
     """CLIP ViT-L/14-336 shapes: 24×24 patches of width 1024, levels [12, 16, 22, 23], E = 1024, 8 heads."""
     return TokenPackerConfig(
-        vision_config=dict(model_type="clip_vision_model", hidden_size=1024, intermediate_size=4096,
-                           num_hidden_layers=24, num_attention_heads=16, image_size=336, patch_size=14),
-        text_config=dict(model_type="llama", hidden_size=text_width, intermediate_size=2 * text_width,
-                         num_hidden_layers=1, num_attention_heads=4, vocab_size=64),
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+        ),
+        text_config=dict(
+            model_type="llama",
+            hidden_size=text_width,
+            intermediate_size=2 * text_width,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            vocab_size=64,
+        ),
         scale_factor=scale_factor,
     )
 
@@ -409,13 +424,18 @@ def test_pixel_shuffle_baseline_is_block_concatenation_then_mlp(scale_factor):
     projector = random_init_(build_projector(config))
     query, _ = features(config, batch=2)
     s, coarse, grid = scale_factor, 12 // scale_factor, as_grid(query, 12)
-    gathered = torch.stack([
-        torch.stack([
-            torch.cat([grid[b, s * r + dr, s * c + dc] for dr in range(s) for dc in range(s)])
-            for r in range(coarse) for c in range(coarse)
-        ])
-        for b in range(2)
-    ])
+    gathered = torch.stack(
+        [
+            torch.stack(
+                [
+                    torch.cat([grid[b, s * r + dr, s * c + dc] for dr in range(s) for dc in range(s)])
+                    for r in range(coarse)
+                    for c in range(coarse)
+                ]
+            )
+            for b in range(2)
+        ]
+    )
     with torch.no_grad():
         torch.testing.assert_close(projector(query), projector.output_proj(gathered), rtol=0, atol=1e-5)
 
@@ -525,8 +545,9 @@ def tiny_tower_and_projector() -> tuple[CLIPVisionModel, OriginalTokenPacker]:
     torch.manual_seed(0)
     settings = {key: value for key, value in vision_config().items() if key != "model_type"}
     tower = CLIPVisionModel(CLIPVisionConfig(**settings)).eval()
-    projector = OriginalTokenPacker(raw_grid=4, embed_dim=32, num_heads=2, hidden_size=48, scale_factor=2,
-                                    kv_dim=32, num_levels=3).eval()
+    projector = OriginalTokenPacker(
+        raw_grid=4, embed_dim=32, num_heads=2, hidden_size=48, scale_factor=2, kv_dim=32, num_levels=3
+    ).eval()
     return tower, projector
 
 
@@ -543,14 +564,39 @@ def test_oracle_slice_layout_follows_spec_example():
     images = torch.randn(7, 3, 16, 16)
     comma, newline = 44, 0
     with torch.no_grad():
-        out = original_multimodal_forward(tower, projector, lm, [1, 70, IMAGE_TOKEN_INDEX, 71, 72], images,
-                                          mode="slice", grid=(2, 3), separator_ids=(comma, newline),
-                                          layers=(1, 2, 3))[0]
+        out = original_multimodal_forward(
+            tower,
+            projector,
+            lm,
+            [1, 70, IMAGE_TOKEN_INDEX, 71, 72],
+            images,
+            mode="slice",
+            grid=(2, 3),
+            separator_ids=(comma, newline),
+            layers=(1, 2, 3),
+        )[0]
         tiles = projected(tower, projector, images)
         e = lm.embed_tokens.weight
-        expected = torch.cat([e[[1, 70]], tiles[0], e[[comma]], tiles[1], e[[comma]], tiles[2], e[[newline]],
-                              tiles[3], e[[comma]], tiles[4], e[[comma]], tiles[5], e[[newline]],
-                              tiles[6], e[[newline]], e[[71, 72]]])
+        expected = torch.cat(
+            [
+                e[[1, 70]],
+                tiles[0],
+                e[[comma]],
+                tiles[1],
+                e[[comma]],
+                tiles[2],
+                e[[newline]],
+                tiles[3],
+                e[[comma]],
+                tiles[4],
+                e[[comma]],
+                tiles[5],
+                e[[newline]],
+                tiles[6],
+                e[[newline]],
+                e[[71, 72]],
+            ]
+        )
     assert out.shape == (2 + 7 * 4 + 7 + 2, 48)
     torch.testing.assert_close(out, expected, rtol=0, atol=1e-6)
 
@@ -563,11 +609,21 @@ def test_oracle_single_tile_slice_and_pad_mode():
     with torch.no_grad():
         tiles = projected(tower, projector, images)
         e = lm.embed_tokens.weight
-        single = original_multimodal_forward(tower, projector, lm, [1, IMAGE_TOKEN_INDEX, 9], images[:1],
-                                             mode="slice", grid=(1, 1), separator_ids=(44, 0), layers=(1, 2, 3))
+        single = original_multimodal_forward(
+            tower,
+            projector,
+            lm,
+            [1, IMAGE_TOKEN_INDEX, 9],
+            images[:1],
+            mode="slice",
+            grid=(1, 1),
+            separator_ids=(44, 0),
+            layers=(1, 2, 3),
+        )
         torch.testing.assert_close(single[0], torch.cat([e[[1]], tiles[0], e[[0]], e[[9]]]), rtol=0, atol=1e-6)
-        pad = original_multimodal_forward(tower, projector, lm, [1, IMAGE_TOKEN_INDEX, 9, IMAGE_TOKEN_INDEX],
-                                          images, mode="pad", layers=(1, 2, 3))
+        pad = original_multimodal_forward(
+            tower, projector, lm, [1, IMAGE_TOKEN_INDEX, 9, IMAGE_TOKEN_INDEX], images, mode="pad", layers=(1, 2, 3)
+        )
         torch.testing.assert_close(pad[0], torch.cat([e[[1]], tiles[0], e[[9]], tiles[1]]), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match="expected 7 image tiles"):
         original_multimodal_forward(tower, projector, lm, [IMAGE_TOKEN_INDEX], images, mode="slice", grid=(2, 3))

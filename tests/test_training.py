@@ -11,9 +11,7 @@ import sys
 
 import pytest
 import torch
-from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, small_dataset, write_llava_dataset
 from PIL import Image
-from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 from transformers import Trainer, TrainingArguments
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
@@ -27,6 +25,9 @@ from tokenpacker_hf.training import (
     encode_conversation,
     llava_to_messages,
 )
+
+from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, small_dataset, write_llava_dataset
+from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 
 TOKENS_PER_IMAGE = tiny_config().num_image_tokens  # 4
 
@@ -49,9 +50,7 @@ def test_multi_turn_labels_exact_token_by_token():
         {"from": "human", "value": "Sure?"},
         {"from": "gpt", "value": "Yes."},
     ]
-    example = encode_conversation(
-        processor, llava_to_messages(conversation), [Image.new("RGB", (16, 16), (255, 0, 0))]
-    )
+    example = encode_conversation(processor, llava_to_messages(conversation), [Image.new("RGB", (16, 16), (255, 0, 0))])
 
     # (text, supervised) pieces of "<s>{system} USER: <image>\n{q1} ASSISTANT: {a1}</s>USER: {q2} ASSISTANT: {a2}</s>"
     pieces = [
@@ -88,7 +87,9 @@ def test_text_only_sample_supervises_answer_and_has_no_pixels():
 
 def test_truncation_cuts_text_only_and_is_counted(tmp_path):
     processor = make_processor(padding_side="right")
-    path = write_llava_dataset(tmp_path, [qa("<image>\nDescribe.", "A long answer " * 5, "a.png")], {"a.png": (16, 16, 9)})
+    path = write_llava_dataset(
+        tmp_path, [qa("<image>\nDescribe.", "A long answer " * 5, "a.png")], {"a.png": (16, 16, 9)}
+    )
     full = LlavaDataset(path, processor, tmp_path / "images")[0]
     limit = len(full["input_ids"]) - 20  # inside the answer, well after the image
     dataset = LlavaDataset(path, processor, tmp_path / "images", max_length=limit)
@@ -142,7 +143,9 @@ def test_bad_records_are_skipped_and_counted(tmp_path, caplog):
 
 def test_unreadable_image_is_skipped_mid_epoch(tmp_path):
     path = write_llava_dataset(
-        tmp_path, [qa("<image>\nA?", "B.", "broken.png"), qa("<image>\nC?", "D.", "fine.png")], {"fine.png": (16, 16, 3)}
+        tmp_path,
+        [qa("<image>\nA?", "B.", "broken.png"), qa("<image>\nC?", "D.", "fine.png")],
+        {"fine.png": (16, 16, 3)},
     )
     (tmp_path / "images" / "broken.png").write_bytes(b"not a png")
     dataset = LlavaDataset(path, make_processor(padding_side="right"), tmp_path / "images")
@@ -171,13 +174,15 @@ def test_collator_pads_and_orders_pixels_by_batch(tmp_path):
     batch = TokenPackerCollator(dataset.processor, pad_to_multiple_of=8)(examples)
     lengths = [len(example["input_ids"]) for example in examples]
     assert batch["input_ids"].shape[1] == -(-max(lengths) // 8) * 8
-    for row, (example, length) in enumerate(zip(examples, lengths)):
+    for row, (example, length) in enumerate(zip(examples, lengths, strict=True)):
         assert batch["input_ids"][row, :length].tolist() == example["input_ids"].tolist()
         assert batch["labels"][row, :length].tolist() == example["labels"].tolist()
         assert batch["attention_mask"][row].tolist() == [1] * length + [0] * (batch["input_ids"].shape[1] - length)
         assert (batch["labels"][row, length:] == IGNORE_INDEX).all()
         assert (batch["input_ids"][row, length:] == 0).all()
-    torch.testing.assert_close(batch["pixel_values"], torch.cat([examples[1]["pixel_values"], examples[2]["pixel_values"]]))
+    torch.testing.assert_close(
+        batch["pixel_values"], torch.cat([examples[1]["pixel_values"], examples[2]["pixel_values"]])
+    )
     assert batch["image_grids"].tolist() == [[1, 1], [1, 1]]
     assert "pixel_values" not in TokenPackerCollator(dataset.processor)([dataset[4]])
 
@@ -226,6 +231,7 @@ def count_calls(modules, record_grad_mode: list[bool] | None = None) -> list[int
             counts[index] += 1
             if record_grad_mode is not None:
                 record_grad_mode.append(torch.is_grad_enabled())
+
         return fn
 
     for index, module in enumerate(modules):
@@ -268,7 +274,9 @@ def test_trainer_preset_trains_only_intended_parameters(preset, tmp_path):
         remove_unused_columns=False,
         activation_checkpointing=True,
     )
-    trainer = Trainer(model=model, args=args, train_dataset=dataset, data_collator=TokenPackerCollator(dataset.processor))
+    trainer = Trainer(
+        model=model, args=args, train_dataset=dataset, data_collator=TokenPackerCollator(dataset.processor)
+    )
     trainer.train()
 
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
@@ -293,7 +301,9 @@ def test_unfreeze_vision_tower_trains_only_layers_that_run():
     tower = {name for name in trainable if ".vision_tower." in name}
     assert any(".encoder.layers.2." in name for name in tower) and any("embeddings" in name for name in tower)
     assert not any(".encoder.layers.3." in name or "post_layernorm" in name for name in tower)
-    lora = apply_preset(TokenPackerForConditionalGeneration(tiny_config()), "lora", unfreeze_vision_tower=True, lora_r=2)
+    lora = apply_preset(
+        TokenPackerForConditionalGeneration(tiny_config()), "lora", unfreeze_vision_tower=True, lora_r=2
+    )
     lora_tower = {n for n, p in lora.named_parameters() if p.requires_grad and "vision_tower" in n}
     assert lora_tower and all(".modules_to_save.default." in name for name in lora_tower)
     assert not any(".encoder.layers.3." in name for name in lora_tower)
@@ -312,7 +322,15 @@ def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     data = small_dataset(tmp_path)
     output = tmp_path / "out"
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    torchrun = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        str(free_port()),
+    ]
     command = torchrun + [
         str(REPO_ROOT / "examples" / "train.py"),
         "--model_name_or_path", str(model_dir),
@@ -342,7 +360,9 @@ def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
     torch.testing.assert_close(
         trained.model.vision_tower.state_dict(), original.model.vision_tower.state_dict(), rtol=0, atol=0
     )
-    batch = TokenPackerCollator(make_processor(padding_side="right"))([LlavaDataset(data, make_processor(padding_side="right"), tmp_path / "images")[0]])
+    batch = TokenPackerCollator(make_processor(padding_side="right"))(
+        [LlavaDataset(data, make_processor(padding_side="right"), tmp_path / "images")[0]]
+    )
     with torch.no_grad():
         loss = trained(**batch).loss
     assert torch.isfinite(loss)
@@ -359,11 +379,17 @@ def test_distributed_configs_are_complete_and_name_real_layers():
         config = json.loads((configs / name).read_text())
         assert config["zero_optimization"]["stage"] == stage
         # "auto" lets the Trainer fill these from its own arguments, so one file serves every run.
-        for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-                    "gradient_clipping"):
+        for key in (
+            "train_batch_size",
+            "train_micro_batch_size_per_gpu",
+            "gradient_accumulation_steps",
+            "gradient_clipping",
+        ):
             assert config[key] == "auto", (name, key)
         assert config["bf16"]["enabled"] == "auto"
-    assert json.loads((configs / "zero3.json").read_text())["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert json.loads((configs / "zero3.json").read_text())["zero_optimization"][
+        "stage3_gather_16bit_weights_on_model_save"
+    ]
 
     fsdp = yaml.safe_load((configs / "fsdp.yaml").read_text())
     assert fsdp["distributed_type"] == "FSDP" and fsdp["fsdp_config"]["fsdp_version"] == 2

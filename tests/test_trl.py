@@ -8,12 +8,13 @@ import pytest
 import torch
 from packaging.version import Version
 from PIL import Image
-from builders import make_processor
-from tiny import tiny_config
 
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor
 from tokenpacker_hf.training import IGNORE_INDEX, TokenPackerCollator, encode_conversation, llava_to_messages
+
+from builders import make_processor
+from tiny import tiny_config
 
 datasets = pytest.importorskip("datasets")
 trl = pytest.importorskip("trl")
@@ -31,8 +32,10 @@ def image(width: int, height: int, red: int) -> Image.Image:
 CONVERSATIONS = [
     ([("human", "Say hi."), ("gpt", "Hi.")], []),
     ([("human", "What colour?"), ("gpt", "Red.")], [image(16, 16, 200)]),
-    ([("human", "Compare them."), ("gpt", "Both blue."), ("human", "Sure?"), ("gpt", "Yes.")],
-     [image(16, 16, 10), image(40, 24, 30)]),
+    (
+        [("human", "Compare them."), ("gpt", "Both blue."), ("human", "Sure?"), ("gpt", "Yes.")],
+        [image(16, 16, 10), image(40, 24, 30)],
+    ),
     ([("human", "Count."), ("gpt", "One."), ("human", "And now?"), ("gpt", "Still one.")], []),
     ([("human", "Shape?"), ("gpt", "Square."), ("human", "Size?"), ("gpt", "Small.")], [image(24, 40, 90)]),
 ]
@@ -56,8 +59,15 @@ def sft_trainer(processor: TokenPackerProcessor, tmp_path, train_rows: list[dict
     torch.manual_seed(0)
     model = TokenPackerForConditionalGeneration(tiny_config())
     args = trl.SFTConfig(
-        output_dir=str(tmp_path / "sft"), assistant_only_loss=True, max_steps=1, per_device_train_batch_size=2,
-        report_to=[], save_strategy="no", logging_steps=1, use_cpu=True, dataloader_num_workers=0,
+        output_dir=str(tmp_path / "sft"),
+        assistant_only_loss=True,
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        use_cpu=True,
+        dataloader_num_workers=0,
     )
     dataset = datasets.Dataset.from_list(train_rows)
     return trl.SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor)

@@ -22,11 +22,12 @@ from transformers.feature_extraction_utils import BatchFeature
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.modeling_utils import AttentionInterface
 
-import builders
-from tiny import make_tokenizer, tiny_config
 from tokenpacker_hf.image_processing_tokenpacker import SLICE_GRIDS, TokenPackerImageProcessor
 from tokenpacker_hf.modeling_tokenpacker import TokenPackerForConditionalGeneration, TokenPackerModel
 from tokenpacker_hf.processing_tokenpacker import TokenPackerProcessor, count_image_tokens, with_image_and_pad_tokens
+
+import builders
+from tiny import make_tokenizer, tiny_config
 
 T = 4  # tokens per tile of the tiny config
 TILE = 16  # its tile size
@@ -71,9 +72,7 @@ IMAGE_SIZE_KEY = "num_image_patches"  # _MODALITY_SIZE_KEYS["image"]
 
 def vllm_num_image_tokens(processor: Any, size: ImageSize, mm_processor_kwargs: dict) -> int:
     """MultiModalProcessingInfo._get_num_image_tokens through _get_num_mm_tokens."""
-    mm_tokens = processor._get_num_multimodal_tokens(
-        image_sizes=([size.height, size.width],), **mm_processor_kwargs
-    )
+    mm_tokens = processor._get_num_multimodal_tokens(image_sizes=([size.height, size.width],), **mm_processor_kwargs)
     return mm_tokens["num_image_tokens"][0]
 
 
@@ -333,8 +332,13 @@ def test_image_processor_size_is_the_tile_size_and_survives_save_load_and_calls(
 
 @pytest.mark.parametrize(
     "image_mode, mm_processor_kwargs",
-    [("pad", {}), ("slice", {}), ("slice", {"max_slices": 16}), ("pad", {"image_mode": "slice"}),
-     ("slice", {"images_kwargs": {"max_slices": 25}})],
+    [
+        ("pad", {}),
+        ("slice", {}),
+        ("slice", {"max_slices": 16}),
+        ("pad", {"image_mode": "slice"}),
+        ("slice", {"images_kwargs": {"max_slices": 25}}),
+    ],
 )
 def test_profiling_finds_the_most_tokens_an_image_can_take(image_mode, mm_processor_kwargs):
     processor = make_processor(image_mode)
@@ -370,7 +374,7 @@ def test_serving_replay_gives_our_ids_and_our_hidden_states(model, image_mode):
         assert fields["image_grids"] == ("batched",)  # one entry per image, never sliced by tiles
         items = vllm_items(hf_inputs, fields)
         grids = [GRIDS[name] if image_mode == "slice" else (1, 1) for name in names]
-        for item, grid in zip(items, grids):
+        for item, grid in zip(items, grids, strict=True):
             assert item["image_grids"].tolist() == list(grid)
             tiles = 1 if grid == (1, 1) else grid[0] * grid[1] + 1
             assert item["pixel_values"].shape[0] == int(item[IMAGE_SIZE_KEY]) == tiles
@@ -394,7 +398,7 @@ def test_serving_replay_gives_our_ids_and_our_hidden_states(model, image_mode):
         start += count
         with torch.no_grad():
             expected = model.get_image_features(ours["pixel_values"], image_grids=ours["image_grids"]).pooler_output
-            for got, want, (_, is_embed) in zip(mine, expected, placeholders):
+            for got, want, (_, is_embed) in zip(mine, expected, placeholders, strict=True):
                 assert got.shape[0] == int(is_embed.sum())
                 torch.testing.assert_close(got, want)
             served = vllm_forward(model, prompt_ids, placeholders, mine)
@@ -428,7 +432,7 @@ def test_replacement_offsets_describe_the_expanded_ids():
     assert [grid.tolist() for grid in out["image_grids"]] == [[2, 3], [1, 1], [2, 1]]
     grids = iter([(2, 3), (1, 1), (2, 1)])
     for prompt, entries, ids, offsets in zip(prompts, out["text_replacement_offsets"], out["input_ids"],
-                                             out["offset_mapping"]):  # fmt: skip
+                                             out["offset_mapping"], strict=True):  # fmt: skip
         assert len(entries) == prompt.count("<image>")
         expanded, last = "", 0
         for entry in entries:
@@ -463,7 +467,7 @@ def test_replacements_round_trip_through_the_llama_tokenizer(llama_tokenizers, l
         return
     out = processor(**call)
     grids = [(2, 3), (1, 1)] if image_mode == "slice" else [(1, 1), (1, 1)]
-    for entry, grid in zip(out["text_replacement_offsets"][0], grids):
+    for entry, grid in zip(out["text_replacement_offsets"][0], grids, strict=True):
         assert cached_encode(processor.tokenizer, entry["replacement"]) == processor.image_token_layout(grid)
     if image_mode == "slice":
         assert "<unk>" in out["text_replacement_offsets"][0][0]["replacement"]  # the LLaMA row separator, id 0
@@ -504,10 +508,13 @@ def test_offset_mapping_slices_the_expanded_text(padding_side):
     out = processor(images=images, text=prompts, return_text_replacement_offsets=True, return_offsets_mapping=True,
                     padding=True)  # fmt: skip
     assert any(0 in mask for mask in out["attention_mask"])  # a prompt is padded
-    for prompt, entries, ids, mask, offsets in zip(prompts, out["text_replacement_offsets"], out["input_ids"],
-                                                   out["attention_mask"], out["offset_mapping"]):  # fmt: skip
+    rows = zip(
+        prompts, *(out[key] for key in ("text_replacement_offsets", "input_ids", "attention_mask", "offset_mapping")),
+        strict=True,
+    )  # fmt: skip
+    for prompt, entries, ids, mask, offsets in rows:
         expanded = _expanded(prompt, entries)
-        for token_id, real, (begin, end) in zip(ids, mask, offsets):
+        for token_id, real, (begin, end) in zip(ids, mask, offsets, strict=True):
             # Text bytes, `<image>`, `,` and `<unk>` alike: each token's span holds its own text.
             assert expanded[begin:end] == (processor.tokenizer.decode([token_id]) if real else "")
             if not real:
@@ -558,7 +565,7 @@ def test_assistant_masks_cover_the_answers_after_images(model, llama_tokenizers,
                                         return_assistant_tokens_mask=True)  # fmt: skip
     ids, mask = out["input_ids"][0], out["assistant_masks"][0]
     runs, previous = [], 0
-    for token_id, masked in zip(ids, mask):
+    for token_id, masked in zip(ids, mask, strict=True):
         if masked and not previous:
             runs.append([])
         if masked:
@@ -664,7 +671,8 @@ def test_offsets_need_a_fast_tokenizer():
     tokenizer = with_image_and_pad_tokens(ByT5Tokenizer())
     processor = TokenPackerProcessor.from_config(
         tiny_config(image_token_index=tokenizer.convert_tokens_to_ids("<image>")),
-        image_processor=TokenPackerImageProcessor(tile_size=TILE), tokenizer=tokenizer,
+        image_processor=TokenPackerImageProcessor(tile_size=TILE),
+        tokenizer=tokenizer,
     )
     out = processor(images=IMAGES["wide"], text="a <image>", return_text_replacement_offsets=True)
     assert out["text_replacement_offsets"][0][0]["replacement"] == "<image>" * T

@@ -33,7 +33,6 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server or in CI
 import matplotlib.pyplot as plt  # noqa: E402
-
 import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +52,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results", type=Path, help="raw JSON (default benchmarks/results/digits_comparison.json)")
     parser.add_argument("--doc", type=Path, help="markdown document for the table (default docs/digits.md)")
     parser.add_argument("--plot", type=Path, help="PNG plot (default docs/digits_accuracy.png)")
-    parser.add_argument("--vision_tower", type=Path, help="compose from pretrain_parts.py's tower (with --language_model)")
-    parser.add_argument("--language_model", type=Path, help="compose from pretrain_parts.py's LLM (with --vision_tower)")
+    parser.add_argument(
+        "--vision_tower", type=Path, help="compose from pretrain_parts.py's tower (with --language_model)"
+    )
+    parser.add_argument(
+        "--language_model", type=Path, help="compose from pretrain_parts.py's LLM (with --vision_tower)"
+    )
     parser.add_argument("--smoke", action="store_true", help="2 tiny steps per run, outputs in a temporary folder")
     args = parser.parse_args(argv)
     if (args.vision_tower is None) != (args.language_model is None):
@@ -78,18 +81,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_one(args: argparse.Namespace, projector: str, seed: int, data_dir: Path, encoded: dict) -> dict[str, Any]:
     """One training run of `train.py`'s recipe with a frozen tower; returns its measurements."""
     argv = [
-        "--output_dir", tempfile.mkdtemp(prefix="digits-run-"),
-        "--projector_type", projector,
+        "--output_dir",
+        tempfile.mkdtemp(prefix="digits-run-"),
+        "--projector_type",
+        projector,
         "--freeze_vision_tower",
-        "--data_dir", str(data_dir),
-        "--num_train", str(args.num_train),
-        "--num_test", str(args.eval_samples),
-        "--eval_samples", str(args.eval_samples),
-        "--threads", str(args.threads),
-        "--max_steps", str(args.steps),
-        "--per_device_train_batch_size", str(args.batch_size),
-        "--seed", str(seed),
-        "--logging_steps", str(max(args.steps // 10, 1)),
+        "--data_dir",
+        str(data_dir),
+        "--num_train",
+        str(args.num_train),
+        "--num_test",
+        str(args.eval_samples),
+        "--eval_samples",
+        str(args.eval_samples),
+        "--threads",
+        str(args.threads),
+        "--max_steps",
+        str(args.steps),
+        "--per_device_train_batch_size",
+        str(args.batch_size),
+        "--seed",
+        str(seed),
+        "--logging_steps",
+        str(max(args.steps // 10, 1)),
     ]
     if args.vision_tower:
         argv += ["--vision_tower", str(args.vision_tower), "--language_model", str(args.language_model)]
@@ -166,7 +180,11 @@ def plot(rows: list[dict[str, Any]], runs: list[dict[str, Any]], path: Path, set
     for row in rows:
         seeds = [run["digit_accuracy"] for run in runs if run["projector_type"] == row["projector"]]
         line = axes.errorbar(
-            row["image_tokens"], row["digit_accuracy"], yerr=row["digit_accuracy_std"], fmt="o", capsize=4,
+            row["image_tokens"],
+            row["digit_accuracy"],
+            yerr=row["digit_accuracy_std"],
+            fmt="o",
+            capsize=4,
             label=f"{row['projector']} ({row['digit_accuracy']:.3f})",
         )
         axes.scatter([row["image_tokens"]] * len(seeds), seeds, color=line[0].get_color(), alpha=0.3, s=12)

@@ -103,12 +103,14 @@ def write_split(
         # No separators: the k-th answer digit then sits at the same distance from the k-th image token for every
         # k, a pattern a small language model with rotary positions learns far sooner than that of "3 8 0 5".
         answer = "".join(str(label) for label in digits.target[chosen])
-        records.append({
-            "id": f"{split}_{i:05d}",
-            "image": name,
-            "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": answer}],
-            "digit_indices": chosen.tolist(),
-        })
+        records.append(
+            {
+                "id": f"{split}_{i:05d}",
+                "image": name,
+                "conversations": [{"from": "human", "value": PROMPT}, {"from": "gpt", "value": answer}],
+                "digit_indices": chosen.tolist(),
+            }
+        )
     json_path = out_dir / f"{split}.json"
     # One record per line: still a JSON list, and diffs/greps of a dataset stay readable.
     json_path.write_text("[\n" + ",\n".join(json.dumps(record) for record in records) + "\n]\n")
@@ -165,8 +167,10 @@ def _prepare_out_dir(parser: argparse.ArgumentParser, out_dir: Path, overwrite: 
         parser.error(f"OUT_DIR: expected a folder, found a file at {out_dir}")
     entries = sorted(p.name for p in out_dir.iterdir()) if out_dir.exists() else []
     if entries and not overwrite:
-        parser.error(f"OUT_DIR: expected a new or empty folder, found {out_dir} with {len(entries)} entries "
-                     f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); pass --overwrite to replace")
+        parser.error(
+            f"OUT_DIR: expected a new or empty folder, found {out_dir} with {len(entries)} entries "
+            f"({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''}); pass --overwrite to replace"
+        )
     shutil.rmtree(out_dir / "images", ignore_errors=True)
     for split in SPLITS:
         (out_dir / f"{split}.json").unlink(missing_ok=True)

@@ -24,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import train
 from torch import nn
 from tqdm import tqdm
 from transformers import (
@@ -36,7 +37,6 @@ from transformers import (
     get_cosine_schedule_with_warmup,
 )
 
-import train
 from tokenpacker_hf.image_processing_tokenpacker import to_rgb_image
 from tokenpacker_hf.tiny import make_tokenizer
 
@@ -103,7 +103,8 @@ def fit(model: nn.Module, batch_loss: Callable[[], torch.Tensor], steps: int, lr
 
 
 def pretrain_tower(data_dir: Path, out: Path, steps: int, batch_size: int, lr: float, seed: int) -> dict:
-    """Trains the tower on quadrant classification (see `QuadrantClassifier`); saves it and its image processor to `out`."""
+    """Trains the tower on quadrant classification (see `QuadrantClassifier`); saves it and its image processor to
+    `out`."""
     torch.manual_seed(seed)
     config = tower_config()
     image_processor = CLIPImageProcessor(

@@ -31,12 +31,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-from transformers import AutoProcessor
-
 import compare_projectors
 import pretrain_parts
+import torch
 import train
+from transformers import AutoProcessor
+
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 
 REPO = Path(__file__).resolve().parents[2]
@@ -53,8 +53,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval_samples", type=int, default=1000, help="held-out grids read after each stage")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads of every step")
     parser.add_argument("--doc", type=Path, help="markdown file whose recipe table to rewrite")
-    parser.add_argument("--fsdp2_steps", type=int, default=0,
-                        help="also run this many stage-2 steps on 1 process and sharded on 2 with FSDP2, and compare")
+    parser.add_argument(
+        "--fsdp2_steps",
+        type=int,
+        default=0,
+        help="also run this many stage-2 steps on 1 process and sharded on 2 with FSDP2, and compare",
+    )
     parser.add_argument("--smoke", action="store_true", help="2 steps per stage, tiny data: checks the plumbing")
     args = parser.parse_args(argv)
     args.pretrain = []
@@ -62,8 +66,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.stage1_steps = args.stage2_steps = 2
         args.fsdp2_steps = min(args.fsdp2_steps, 2)
         args.batch_size, args.eval_samples = 4, 4
-        args.pretrain = ["--tower_steps", "2", "--llm_steps", "2", "--batch_size", "4", "--num_train", "16",
-                         "--num_test", "4"]
+        args.pretrain = [
+            "--tower_steps",
+            "2",
+            "--llm_steps",
+            "2",
+            "--batch_size",
+            "4",
+            "--num_train",
+            "16",
+            "--num_test",
+            "4",
+        ]
     return args
 
 
@@ -82,21 +96,41 @@ def train_stage(
     data = args.work_dir / "data"
     launcher = [sys.executable]
     if processes > 1:
-        launcher += ["-m", "accelerate.commands.launch", "--config_file", str(REPO / "examples/configs/fsdp_cpu.yaml"),
-                     "--num_processes", str(processes), "--main_process_port", str(free_port())]
+        launcher += [
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            str(REPO / "examples/configs/fsdp_cpu.yaml"),
+            "--num_processes",
+            str(processes),
+            "--main_process_port",
+            str(free_port()),
+        ]
     command = [
-        *launcher, str(REPO / "examples" / "train.py"), *model_args,
-        "--preset", preset,
-        "--data_path", str(data / "train.json"),
-        "--image_folder", str(data),
-        "--output_dir", str(out),
-        "--max_steps", str(steps),
-        "--learning_rate", str(lr),
-        "--per_device_train_batch_size", str(args.batch_size // processes),
-        "--activation_checkpointing", "false",  # a 2-layer model on a CPU has no memory to save, only time
-        "--report_to", "none",
+        *launcher,
+        str(REPO / "examples" / "train.py"),
+        *model_args,
+        "--preset",
+        preset,
+        "--data_path",
+        str(data / "train.json"),
+        "--image_folder",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--max_steps",
+        str(steps),
+        "--learning_rate",
+        str(lr),
+        "--per_device_train_batch_size",
+        str(args.batch_size // processes),
+        "--activation_checkpointing",
+        "false",  # a 2-layer model on a CPU has no memory to save, only time
+        "--report_to",
+        "none",
         "--use_cpu",
-        "--seed", "0",
+        "--seed",
+        "0",
         *extra,
     ]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
@@ -119,8 +153,9 @@ def fsdp2_check(args: argparse.Namespace) -> dict[str, Any]:
     runs = {}
     for name, processes in (("single", 1), ("fsdp2", 2)):
         out = args.work_dir / f"stage2-{name}"
-        train_stage(args, out, ["--model_name_or_path", str(stage1)], "stage2", steps, args.stage2_lr, processes,
-                    logged)
+        train_stage(
+            args, out, ["--model_name_or_path", str(stage1)], "stage2", steps, args.stage2_lr, processes, logged
+        )
         state = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
         losses = [entry["loss"] for entry in state["log_history"] if "loss" in entry]
         weights = TokenPackerForConditionalGeneration.from_pretrained(out).state_dict()
@@ -180,11 +215,19 @@ def run_recipe(args: argparse.Namespace, parts: Path) -> dict[str, Any]:
     """Stage 1 from the parts, then stage 2 from stage 1's folder; each folder then reads the held-out grids."""
     stage1, stage2 = args.work_dir / "stage1", args.work_dir / "stage2"
     from_parts = [
-        "--vision_tower", str(parts / "clip-digits"),
-        "--language_model", str(parts / "llama-digits"),
-        "--chat_template", str(Path(__file__).parent / "chat_template.jinja"),
-        "--scale_factor", "4",
-        "--region_feature_layers", "1", "2", "3", "4",
+        "--vision_tower",
+        str(parts / "clip-digits"),
+        "--language_model",
+        str(parts / "llama-digits"),
+        "--chat_template",
+        str(Path(__file__).parent / "chat_template.jinja"),
+        "--scale_factor",
+        "4",
+        "--region_feature_layers",
+        "1",
+        "2",
+        "3",
+        "4",
     ]
     if not (stage1 / "model.safetensors").is_file():  # a finished stage 1 is kept: a resumed run starts at stage 2
         train_stage(args, stage1, from_parts, "stage1", args.stage1_steps, args.stage1_lr)
@@ -203,8 +246,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = args.work_dir / "parts"
     if not (parts / "pretraining.json").is_file():
         pretrain_parts.main(
-            ["--data_dir", str(args.work_dir / "data"), "--output_dir", str(parts), "--threads", str(args.threads),
-             *args.pretrain]
+            [
+                "--data_dir",
+                str(args.work_dir / "data"),
+                "--output_dir",
+                str(parts),
+                "--threads",
+                str(args.threads),
+                *args.pretrain,
+            ]
         )
     record = args.work_dir / "recipe.json"
     results = json.loads(record.read_text()) if record.is_file() else run_recipe(args, parts)

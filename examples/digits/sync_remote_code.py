@@ -48,7 +48,9 @@ def sync(folder: Path) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("folder", nargs="?", type=Path, default=DEFAULT_FOLDER, help="model folder (default: %(default)s)")
+    parser.add_argument(
+        "folder", nargs="?", type=Path, default=DEFAULT_FOLDER, help="model folder (default: %(default)s)"
+    )
     parser.add_argument("--check", action="store_true", help="only compare; exit 1 if any file differs")
     args = parser.parse_args(argv)
     if not (args.folder / "config.json").is_file():

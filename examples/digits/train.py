@@ -24,17 +24,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import make_data
 import torch
+from huggingface_hub import EvalResult, ModelCard
 from PIL import Image
 from tqdm import tqdm
-from huggingface_hub import EvalResult, ModelCard
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-import make_data
 from tokenpacker_hf import TokenPackerConfig, TokenPackerForConditionalGeneration, TokenPackerProcessor
+from tokenpacker_hf.hub import CardExample, model_card
 from tokenpacker_hf.image_processing_tokenpacker import TokenPackerImageProcessor, to_rgb_image
 from tokenpacker_hf.tiny import IMAGE_TOKEN_ID, make_tokenizer, text_config, vision_config
-from tokenpacker_hf.hub import CardExample, model_card
 from tokenpacker_hf.training import LlavaDataset, TokenPackerCollator, apply_preset
 
 QUESTION = make_data.PROMPT.replace("<image>", "").strip()
@@ -160,9 +160,9 @@ def read_digits(
 def score(answers: list[str], truths: list[str]) -> dict[str, float]:
     """Digit accuracy (per grid position; a missing digit counts as wrong) and exact match of the whole answer."""
     correct = total = exact = 0
-    for answer, truth in zip(answers, truths):
+    for answer, truth in zip(answers, truths, strict=True):
         predicted, expected = parse_digits(answer), parse_digits(truth)
-        correct += sum(p == e for p, e in zip(predicted, expected))
+        correct += sum(p == e for p, e in zip(predicted, expected, strict=False))  # an answer may be short
         total += len(expected)
         exact += answer == truth
     return {"digit_accuracy": correct / total, "exact_match": exact / len(truths)}
@@ -281,9 +281,7 @@ def save_folder(
     digits_model_card(model.config, processor, results).save(out / "README.md")
 
 
-def digits_model_card(
-    config: TokenPackerConfig, processor: TokenPackerProcessor, results: dict[str, Any]
-) -> ModelCard:
+def digits_model_card(config: TokenPackerConfig, processor: TokenPackerProcessor, results: dict[str, Any]) -> ModelCard:
     """The package's Hub model card plus what this model was trained on and how well it reads held-out grids.
 
     The usage snippet reads the shipped sample grid with the training question, from the repository root; the
@@ -299,15 +297,23 @@ def digits_model_card(
         "handwritten digits (scikit-learn's bundled UCI scans); a demo of the package, not a general model.",
         license="apache-2.0",
         example=CardExample(
-            image=SAMPLE_GRID, prompt=QUESTION, dtype="float32", max_new_tokens=16,
+            image=SAMPLE_GRID,
+            prompt=QUESTION,
+            dtype="float32",
+            max_new_tokens=16,
             where="Run it from the root of the tokenpacker-hf repository, which holds this folder and the sample "
             "grid (a held-out grid showing 3168).",
         ),  # fmt: skip
         eval_results=[
-            EvalResult(**held_out, metric_type="accuracy", metric_name="digit accuracy",
-                       metric_value=results["digit_accuracy"]),
-            EvalResult(**held_out, metric_type="exact_match", metric_name="all four digits right",
-                       metric_value=results["exact_match"]),
+            EvalResult(
+                **held_out, metric_type="accuracy", metric_name="digit accuracy", metric_value=results["digit_accuracy"]
+            ),
+            EvalResult(
+                **held_out,
+                metric_type="exact_match",
+                metric_name="all four digits right",
+                metric_value=results["exact_match"],
+            ),
         ],  # fmt: skip
     )
     tower = "trained end-to-end" if results["vision_tower"] == "trained" else "frozen at its random init"

@@ -29,7 +29,9 @@ except PackageNotFoundError:  # a source tree on sys.path that was never install
 AutoConfig.register("tokenpacker", TokenPackerConfig, exist_ok=True)
 AutoModel.register(TokenPackerConfig, TokenPackerModel, exist_ok=True)
 AutoModelForImageTextToText.register(TokenPackerConfig, TokenPackerForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(TokenPackerConfig, image_processor_classes={"pil": TokenPackerImageProcessor}, exist_ok=True)
+AutoImageProcessor.register(
+    TokenPackerConfig, image_processor_classes={"pil": TokenPackerImageProcessor}, exist_ok=True
+)
 AutoProcessor.register(TokenPackerConfig, TokenPackerProcessor, exist_ok=True)
 TokenPackerConfig.register_for_auto_class()
 TokenPackerImageProcessor.register_for_auto_class("AutoImageProcessor")

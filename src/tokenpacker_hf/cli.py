@@ -111,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--max-new-tokens", type=positive_int, default=64)
     generate.add_argument("--stream", action="store_true", help="print the answer word by word as it is generated")
     generate.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
-    generate.add_argument("--temperature", type=positive_float, default=None, help="sampling temperature (with --do-sample)")
+    generate.add_argument(
+        "--temperature", type=positive_float, default=None, help="sampling temperature (with --do-sample)"
+    )
     generate.add_argument("--top-p", type=probability, default=None, help="nucleus sampling mass (with --do-sample)")
     generate.add_argument("--num-beams", type=positive_int, default=1, help="beam search with this many beams")
     generate.add_argument("--seed", type=int, default=None, help="seed the random generators, for repeatable sampling")
@@ -120,7 +122,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="serve a page to ask a model about an image, in a browser")
     demo.add_argument("--model", default=DEMO_MODEL, help=f"model folder or Hub repo id (default: {DEMO_MODEL})")
     demo.add_argument("--image", default=DEMO_IMAGE, help=f"image shown when the page opens (default: {DEMO_IMAGE})")
-    demo.add_argument("--prompt", default=DEMO_PROMPT, help=f"question shown when the page opens (default: {DEMO_PROMPT})")
+    demo.add_argument(
+        "--prompt", default=DEMO_PROMPT, help=f"question shown when the page opens (default: {DEMO_PROMPT})"
+    )
     demo.add_argument("--max-new-tokens", type=positive_int, default=64)
     demo.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; "
                       "whoever reaches the page can load any folder or Hub repo this machine can)")  # fmt: skip
@@ -131,11 +135,14 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("model", help="model folder or Hub repo id")
 
     convert = commands.add_parser("convert", help="convert an original (LLaVA-format) TokenPacker checkpoint")
-    convert.add_argument("src", help="original checkpoint folder or Hub repo id (e.g. sunshine-lwt/TokenPacker-7b-144token)")
+    convert.add_argument(
+        "src", help="original checkpoint folder or Hub repo id (e.g. sunshine-lwt/TokenPacker-7b-144token)"
+    )
     convert.add_argument("dst", help="output folder (must not exist or be empty)")
     convert.add_argument(
-        "--vision-tower", default=None, help="CLIP tower to take when the checkpoint holds none "
-        "(default: openai/clip-vit-large-patch14-336)"
+        "--vision-tower",
+        default=None,
+        help="CLIP tower to take when the checkpoint holds none (default: openai/clip-vit-large-patch14-336)",
     )
     convert.add_argument("--scale-factor", type=positive_int, default=None, help="override the resolved scale factor")
     convert.add_argument("--max-slices", type=positive_int, default=None, help="override the resolved HD slice count")
@@ -270,7 +277,10 @@ def load_pretrained(loader: Any, source: ModelFiles, what: str, **kwargs: Any) -
     """
     try:
         return loader.from_pretrained(
-            source.name, revision=source.revision, local_files_only=source.cached_only, trust_remote_code=False,
+            source.name,
+            revision=source.revision,
+            local_files_only=source.cached_only,
+            trust_remote_code=False,
             **kwargs,
         )
     except SafetensorError as error:
@@ -440,8 +450,12 @@ def init(args: argparse.Namespace) -> str:
         raise FileExistsError(f"{dst} already exists and is not an empty folder; choose a new destination")
     parts = (args.vision_tower, args.language_model)
     model, processor = compose_pretrained(
-        *parts, scale_factor=args.scale_factor, region_feature_layers=args.region_feature_layers,
-        image_mode=args.image_mode, max_slices=args.max_slices, dtype=getattr(torch, args.dtype),
+        *parts,
+        scale_factor=args.scale_factor,
+        region_feature_layers=args.region_feature_layers,
+        image_mode=args.image_mode,
+        max_slices=args.max_slices,
+        dtype=getattr(torch, args.dtype),
     )
     license, datasets = inherited_metadata(parts)
     card = model_card(model.config, str(dst), image_processor=processor.image_processor, license=license,

@@ -28,7 +28,11 @@ def compose_pretrained(
     if region_feature_layers:
         config["region_feature_layers"] = region_feature_layers
     processor = TokenPackerProcessor.from_vision_text_pretrained(
-        vision_tower, language_model, image_mode=image_mode, max_slices=max_slices, chat_template=chat_template,
+        vision_tower,
+        language_model,
+        image_mode=image_mode,
+        max_slices=max_slices,
+        chat_template=chat_template,
         **config,
     )
     model = TokenPackerForConditionalGeneration.from_vision_text_pretrained(

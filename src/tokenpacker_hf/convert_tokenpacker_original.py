@@ -135,7 +135,7 @@ def convert_original_projector_state_dict(state_dict: dict[str, torch.Tensor]) -
     for key, tensor in state_dict.items():
         in_proj = _IN_PROJ.match(key)
         if in_proj:
-            for name, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0)):
+            for name, third in zip(("q_proj", "k_proj", "v_proj"), tensor.chunk(3, dim=0), strict=True):
                 converted[f"region_attn.{name}.{in_proj.group(1)}"] = third.clone()
             continue
         for old, new in _PROJECTOR_RENAMES.items():
@@ -164,12 +164,11 @@ def convert_original_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str
     for key, tensor in state_dict.items():
         if _DROPPED.search(key):
             continue
-        for old, new in _PREFIX_RENAMES:
-            if key.startswith(old):
-                break
-        else:
+        rename = next(((old, new) for old, new in _PREFIX_RENAMES if key.startswith(old)), None)
+        if rename is None:
             unexpected.append(key)
             continue
+        old, new = rename
         if old == "model.mm_projector.":
             projector[key[len(old) :]] = tensor
         else:
@@ -217,8 +216,8 @@ def resolve_folder(name_or_path: str | os.PathLike, what: str) -> Path:
     has_safetensors = any(file.endswith(".safetensors") for file in repo.files)
     weights = ["*.safetensors", "*.safetensors.index.json"] if has_safetensors else ["*.bin", "*.bin.index.json"]
     try:
-        return Path(snapshot_download(name, allow_patterns=["*.json", "tokenizer.model", "*.jinja", "README.md", *weights],
-                                      local_files_only=repo.cached_only))  # fmt: skip
+        patterns = ["*.json", "tokenizer.model", "*.jinja", "README.md", *weights]
+        return Path(snapshot_download(name, allow_patterns=patterns, local_files_only=repo.cached_only))
     # The Hub client's network errors differ between huggingface_hub releases (httpx, httpx2).
     except Exception as error:
         raise FileNotFoundError(f"{what} {name!r} could not be downloaded: {one_line(error)}") from error
@@ -583,7 +582,9 @@ def check_against_model(converted: Mapping[str, torch.Tensor], expected: Mapping
     if wrong:
         problems.append(f"wrong shapes ({len(wrong)}): " + "; ".join(wrong[:12]))
     if problems:
-        raise ConversionError("the checkpoint does not match the TokenPacker model it describes: " + " | ".join(problems))
+        raise ConversionError(
+            "the checkpoint does not match the TokenPacker model it describes: " + " | ".join(problems)
+        )
 
 
 # ----------------------------------------------------------------------------------------------------------------

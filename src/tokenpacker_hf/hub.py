@@ -67,11 +67,12 @@ def one_line(error: BaseException) -> str:
 
 
 def locate_repo(repo_id: str, revision: str | None = None) -> ModelFiles:
-    """The files of Hub model repo `repo_id` at `revision` (default: its main branch), from one request bounded by `HF_HUB_ETAG_TIMEOUT` (10 s by default).
+    """The files of Hub model repo `repo_id` at `revision` (default: its main branch), from one request bounded by
+    `HF_HUB_ETAG_TIMEOUT` (10 s by default).
 
     Raises [`HubError`] when the repo or the revision does not exist (or is private or gated without a token) or
-    the Hub refuses it; when offline mode is on or the Hub cannot be reached (a network error, a timeout, a 5xx answer), the
-    locally cached snapshot is used, and [`HubError`] raised if there is none.
+    the Hub refuses it; when offline mode is on or the Hub cannot be reached (a network error, a timeout, a 5xx
+    answer), the locally cached snapshot is used, and [`HubError`] raised if there is none.
     """
     endpoint = constants.ENDPOINT
     if constants.HF_HUB_OFFLINE:
@@ -138,10 +139,12 @@ def _usage_snippet(repo_id: str, adapter_base: str | None, example: CardExample)
         )
     peft_import = "from peft import PeftModel\n" if adapter_base is not None else ""
     return (
-        "```python\nimport torch\n" + peft_import
+        "```python\nimport torch\n"
+        + peft_import
         + "from transformers import AutoModelForImageTextToText, AutoProcessor\n"
         + "from transformers.image_utils import load_image\n\n"
-        + load + "\n"
+        + load
+        + "\n"
         + f'processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)\n'
         + f"image = load_image({json.dumps(example.image)})\n"
         + 'messages = [{"role": "user", "content": [{"type": "image"},\n'
@@ -149,7 +152,8 @@ def _usage_snippet(repo_id: str, adapter_base: str | None, example: CardExample)
         + "prompt = processor.apply_chat_template(messages, add_generation_prompt=True)\n"
         + 'inputs = processor(images=[image], text=prompt, return_tensors="pt")\n'
         + f"output = model.generate(**inputs, max_new_tokens={example.max_new_tokens})\n"
-        + 'print(processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)[0].strip())\n```'
+        + 'answer = output[:, inputs["input_ids"].shape[1]:]\n'
+        + "print(processor.batch_decode(answer, skip_special_tokens=True)[0].strip())\n```"
     )
 
 

@@ -214,8 +214,10 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         num_tokens, num_features = mask.sum(), image_features.shape[0]
         torch_compilable_check(
             num_tokens == num_features,
-            lambda: f"Image features and <image> tokens do not match: the text holds {int(num_tokens)} <image> "
-            f"tokens but the images give {num_features} features ({self.config.num_image_tokens} per tile)",
+            lambda: (
+                f"Image features and <image> tokens do not match: the text holds {int(num_tokens)} <image> "
+                f"tokens but the images give {num_features} features ({self.config.num_image_tokens} per tile)"
+            ),
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
@@ -227,8 +229,10 @@ class TokenPackerModel(TokenPackerPreTrainedModel):
         num_tokens = (input_ids == self.config.image_token_id).sum()
         torch_compilable_check(
             num_tokens == 0,
-            lambda: f"expected pixel_values (or mm_encoder_outputs) for the {int(num_tokens)} <image> tokens in "
-            f"input_ids, got none",
+            lambda: (
+                f"expected pixel_values (or mm_encoder_outputs) for the {int(num_tokens)} <image> tokens in "
+                f"input_ids, got none"
+            ),
         )
 
     @can_return_tuple

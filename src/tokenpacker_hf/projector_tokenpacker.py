@@ -79,7 +79,6 @@ def eager_attention_forward(
     return output, weights
 
 
-
 class TokenPackerMLP(nn.Module):
     """Two Linears with an activation between them (`fc1 -> act -> fc2`)."""
 

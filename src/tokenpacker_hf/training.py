@@ -117,7 +117,7 @@ def token_labels(input_ids: list[int], offsets: list[tuple[int, int]], spans: li
     """Per token, its id if its characters overlap a supervised span, else -100 (special tokens added by the
     tokenizer, such as BOS, have empty offsets and are never supervised)."""
     labels = []
-    for token_id, (start, end) in zip(input_ids, offsets):
+    for token_id, (start, end) in zip(input_ids, offsets, strict=True):
         inside = end > start and any(start < span_end and end > span_start for span_start, span_end in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return labels
@@ -158,12 +158,16 @@ def encode_conversation(
     """
     tokenizer = processor.tokenizer
     if not tokenizer.is_fast:
-        raise ValueError(f"label masking needs character offsets, i.e. a fast tokenizer; got {type(tokenizer).__name__}")
+        raise ValueError(
+            f"label masking needs character offsets, i.e. a fast tokenizer; got {type(tokenizer).__name__}"
+        )
     text, spans = supervised_char_spans(processor, messages)
     features = processor(
         images=images or None, text=text, return_offsets_mapping=True, return_text_replacement_offsets=True
     )
-    ids, offsets, replacements = (features[key][0] for key in ("input_ids", "offset_mapping", "text_replacement_offsets"))
+    ids, offsets, replacements = (
+        features[key][0] for key in ("input_ids", "offset_mapping", "text_replacement_offsets")
+    )
     input_ids = torch.tensor(ids, dtype=torch.long)
     labels = torch.tensor(token_labels(ids, offsets, expanded_spans(spans, replacements)), dtype=torch.long)
 
@@ -382,15 +386,14 @@ class TokenPackerCollator:
         if self.processor.tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (the original uses unk)")
         sequences = [torch.as_tensor(example["input_ids"]).tolist() for example in examples]
-        batch = dict(pad_expanded(
-            self.processor.tokenizer, sequences, pad_to_multiple_of=self.pad_to_multiple_of,
-            padding_side=self.padding_side, return_tensors="pt",
-        ))  # fmt: skip
+        tokenizer, side = self.processor.tokenizer, self.padding_side
+        padded = pad_expanded(
+            tokenizer, sequences, pad_to_multiple_of=self.pad_to_multiple_of, padding_side=side, return_tensors="pt"
+        )
+        batch = dict(padded)
         length = batch["input_ids"].shape[1]
-        batch["labels"] = torch.tensor([
-            pad_row(torch.as_tensor(example["labels"]).tolist(), length - len(sequence), IGNORE_INDEX, self.padding_side)
-            for example, sequence in zip(examples, sequences)
-        ])  # fmt: skip
+        labels = [torch.as_tensor(example["labels"]).tolist() for example in examples]
+        batch["labels"] = torch.tensor([pad_row(row, length - len(row), IGNORE_INDEX, side) for row in labels])
         with_images = [example for example in examples if "pixel_values" in example]
         if with_images:
             batch["pixel_values"] = torch.cat([example["pixel_values"] for example in with_images])

@@ -39,8 +39,9 @@ def download(folder: Path) -> Path:
     """The tarball, packed into `folder` by npm when it is installed, else downloaded from the registry."""
     target = folder / TARBALL.name
     if shutil.which("npm"):
-        subprocess.run(["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"], cwd=folder, check=True,
-                       stdout=subprocess.DEVNULL)
+        subprocess.run(
+            ["npm", "pack", f"{PACKAGE}@{VERSION}", "--silent"], cwd=folder, check=True, stdout=subprocess.DEVNULL
+        )
     else:
         with urllib.request.urlopen(TARBALL_URL, timeout=60) as response:
             target.write_bytes(response.read())

@@ -47,7 +47,9 @@ class SentencePieceBPE:
             return []
         pieces = list(SPIECE_UNDERLINE + text.replace(" ", SPIECE_UNDERLINE))
         while len(pieces) > 1:
-            rank, index = min((self.ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(pieces, pieces[1:])))
+            rank, index = min(
+                (self.ranks.get(pair, float("inf")), i) for i, pair in enumerate(zip(pieces, pieces[1:], strict=False))
+            )
             if rank == float("inf"):
                 break
             pieces[index : index + 2] = [pieces[index] + pieces[index + 1]]
@@ -71,13 +73,19 @@ class SlowLlamaTokenizer:
     not start with a space it cuts `▁` from the first piece (dropping a piece that was only `▁`).
     """
 
-    def __init__(self, encode: Callable[[str], list[str]], piece_to_id: Callable[[str], int], legacy: bool,
-                 bos_token_id: int = 1, special_tokens: Sequence[str] = ("<unk>", "<s>", "</s>")):
+    def __init__(
+        self,
+        encode: Callable[[str], list[str]],
+        piece_to_id: Callable[[str], int],
+        legacy: bool,
+        bos_token_id: int = 1,
+        special_tokens: Sequence[str] = ("<unk>", "<s>", "</s>"),
+    ):
         self.encode, self.piece_to_id, self.legacy = encode, piece_to_id, legacy
         self.bos_token_id = bos_token_id
         self.special_tokens = sorted(special_tokens, key=len, reverse=True)
 
-    def __call__(self, text: str) -> "Encoding":
+    def __call__(self, text: str) -> Encoding:
         return Encoding([self.bos_token_id] + [self.piece_to_id(piece) for piece in self.tokenize(text)])
 
     def tokenize(self, text: str) -> list[str]:
@@ -109,8 +117,12 @@ class SlowLlamaTokenizer:
             if is_first:
                 text = text[1:]
         tokens = self.encode(text)
-        if not self.legacy and not is_first and not text.startswith(" ") and tokens and tokens[0].startswith(
-            SPIECE_UNDERLINE
+        if (
+            not self.legacy
+            and not is_first
+            and not text.startswith(" ")
+            and tokens
+            and tokens[0].startswith(SPIECE_UNDERLINE)
         ):
             tokens = ([tokens[0][1:]] if len(tokens[0]) > 1 else []) + tokens[1:]
         return tokens
@@ -126,7 +138,7 @@ def tokenizer_image_token(prompt: str, tokenizer: SlowLlamaTokenizer, image_toke
     prompt_chunks = [tokenizer(chunk).input_ids for chunk in prompt.split("<image>")]
 
     def insert_separator(X, sep):
-        return [ele for sublist in zip(X, [sep] * len(X)) for ele in sublist][:-1]
+        return [ele for sublist in zip(X, [sep] * len(X), strict=True) for ele in sublist][:-1]
 
     input_ids = []
     offset = 0
@@ -140,8 +152,12 @@ def tokenizer_image_token(prompt: str, tokenizer: SlowLlamaTokenizer, image_toke
 
 
 def expand_image_placeholders(
-    values: Sequence[int], grids: Sequence[tuple[int, int]], mode: str, tokens_per_tile: int,
-    image_value: int, separator_values: tuple[int, int],
+    values: Sequence[int],
+    grids: Sequence[tuple[int, int]],
+    mode: str,
+    tokens_per_tile: int,
+    image_value: int,
+    separator_values: tuple[int, int],
 ) -> list[int]:
     """`values` with the k-th `-200` replaced by image k's positions as `prepare_inputs_labels_for_multimodal`
     splices them: pad mode `tokens_per_tile` positions; slice mode, per row of the (rows, cols) grid, each tile
@@ -193,8 +209,9 @@ def vicuna_v1_prompt(messages: Sequence[tuple[str, str | None]], system: str = V
     return ret
 
 
-def preprocess_v1(sources: list[list[dict]], tokenizer: SlowLlamaTokenizer, has_image: bool,
-                  pad_token_id: int = 0) -> tuple[list[int], list[int]]:
+def preprocess_v1(
+    sources: list[list[dict]], tokenizer: SlowLlamaTokenizer, has_image: bool, pad_token_id: int = 0
+) -> tuple[list[int], list[int]]:
     """`llava/train/train.py::preprocess_v1` for one sample: (input_ids, labels) with `-200` per image. The pad
     token is `<unk>` (id 0), as the original sets for vicuna; a sample whose round lengths do not add up to its
     length is masked entirely, as the original does ("tokenization mismatch")."""

@@ -165,7 +165,8 @@ class TokenPackerConfig(PreTrainedConfig):
     ) -> "TokenPackerConfig":
         """[`from_vision_text_configs`] with the configs of two checkpoints (Hub ids or folders)."""
         return cls.from_vision_text_configs(
-            AutoConfig.from_pretrained(vision_model_name_or_path), AutoConfig.from_pretrained(text_model_name_or_path),
+            AutoConfig.from_pretrained(vision_model_name_or_path),
+            AutoConfig.from_pretrained(text_model_name_or_path),
             **kwargs,
         )
 
@@ -208,9 +209,7 @@ class TokenPackerConfig(PreTrainedConfig):
             )
         width, heads = self.projector_hidden_size, self.projector_num_heads
         if heads < 1 or width % heads != 0:
-            raise ValueError(
-                f"projector_hidden_size ({width}) must be divisible by projector_num_heads ({heads})"
-            )
+            raise ValueError(f"projector_hidden_size ({width}) must be divisible by projector_num_heads ({heads})")
 
     def validate_feature_layers(self):
         num_states = self.vision_config.num_hidden_layers + 1

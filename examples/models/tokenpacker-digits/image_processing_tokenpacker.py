@@ -16,13 +16,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps
-
-# Imported first for its transformers version check: a processor loaded alone through remote code gets it too.
-from .configuration_tokenpacker import MIN_TRANSFORMERS_VERSION  # noqa: F401, I001
 from transformers.image_processing_utils import BaseImageProcessor, BatchFeature
 from transformers.image_transforms import center_crop, get_resize_output_image_size, normalize, rescale, resize
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ChannelDimension, PILImageResampling
 from transformers.processing_utils import ImagesKwargs
+
+# Imported first for its transformers version check: a processor loaded alone through remote code gets it too.
+from .configuration_tokenpacker import MIN_TRANSFORMERS_VERSION  # noqa: F401, I001
 
 IMAGE_MODES = ("pad", "square", "slice")
 THUMBNAIL_SOURCES = ("canvas", "image")

@@ -31,6 +31,7 @@ from .image_processing_tokenpacker import (
     num_tiles,
 )
 
+
 def with_image_and_pad_tokens(tokenizer: Any, image_token: str = "<image>") -> Any:
     """`tokenizer` with `image_token` as one special token (added when absent) and a pad token (`<unk>`, else the
     end-of-sequence token, when it has none). Raises if `image_token` still encodes to several tokens."""
@@ -199,11 +200,16 @@ class TokenPackerProcessor(ProcessorMixin):
         )
         tokenizer = with_image_and_pad_tokens(AutoTokenizer.from_pretrained(text_model_name_or_path), image_token)
         image_processor = TokenPackerImageProcessor.from_vision_config(
-            config.vision_config, image_mode=image_mode, max_slices=max_slices,
+            config.vision_config,
+            image_mode=image_mode,
+            max_slices=max_slices,
             **tower_normalisation(vision_model_name_or_path),
         )
         return cls.from_config(
-            config, image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+            config,
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template,
             image_token=image_token,
         )
 
@@ -333,7 +339,7 @@ class TokenPackerProcessor(ProcessorMixin):
 
         sequences, image_spans, token_offsets, replacement_offsets = [], [], [], []
         grid_iter = iter(grids)
-        for prompt, (ids, offsets) in zip(texts, encoded):
+        for prompt, (ids, offsets) in zip(texts, encoded, strict=True):
             placeholders = iter(self._placeholder_spans(prompt))
             sequence, spans, positions, entries = [], [], [], []
             gained = 0  # characters the replacements so far add to the prompt: the shift into the expanded text
@@ -372,8 +378,8 @@ class TokenPackerProcessor(ProcessorMixin):
             windows = self._truncation_windows(sequences, image_spans, text_kwargs.get("max_length"))
             # Offsets keep pointing into the whole expanded text; truncation never cuts an image, so every
             # replacement entry stays valid.
-            sequences = [sequence[window] for sequence, window in zip(sequences, windows)]
-            token_offsets = [positions[window] for positions, window in zip(token_offsets, windows)]
+            sequences = [sequence[window] for sequence, window in zip(sequences, windows, strict=True)]
+            token_offsets = [positions[window] for positions, window in zip(token_offsets, windows, strict=True)]
         input_ids, attention_mask, offset_mapping = self._pad(sequences, text_kwargs, token_offsets)
         if return_tensors is not None and len({len(ids) for ids in input_ids}) > 1:
             raise ValueError(
@@ -420,7 +426,7 @@ class TokenPackerProcessor(ProcessorMixin):
         text = "".join(pieces[token_id] for token_id in layout)
         encoded = self.tokenizer.encode(text, add_special_tokens=False) if check else layout
         if encoded != layout:
-            position = next((i for i, pair in enumerate(zip(encoded, layout)) if pair[0] != pair[1]),
+            position = next((i for i, pair in enumerate(zip(encoded, layout, strict=False)) if pair[0] != pair[1]),
                             min(len(encoded), len(layout)))  # fmt: skip
             found = self.tokenizer.convert_ids_to_tokens(encoded[position : position + 1]) or ["nothing"]
             expected = self.tokenizer.convert_ids_to_tokens(layout[position : position + 1]) or ["nothing"]
@@ -431,7 +437,7 @@ class TokenPackerProcessor(ProcessorMixin):
                 f"would describe ids the model never sees. Use separators that the tokenizer encodes alone "
                 f"(special tokens), or a SentencePiece tokenizer with legacy=False"
             )
-        return text, [(end - len(pieces[token_id]), end) for token_id, end in zip(layout, ends)]
+        return text, [(end - len(pieces[token_id]), end) for token_id, end in zip(layout, ends, strict=True)]
 
     def _placeholder_spans(self, prompt: str) -> list[tuple[int, int]]:
         """Character span of each `image_token` in `prompt`, found as `encode_prompt` splits the prompt."""
@@ -457,7 +463,7 @@ class TokenPackerProcessor(ProcessorMixin):
         bos = self.tokenizer.bos_token
         if not bos or not prompt.startswith(bos):
             return self._encode_chunks(prompt, add_special_tokens)
-        ids, offsets = self._encode_chunks(prompt[len(bos):], add_special_tokens=True)
+        ids, offsets = self._encode_chunks(prompt[len(bos) :], add_special_tokens=True)
         if ids[:1] == [self.tokenizer.bos_token_id]:  # the BOS the tokenizer added stands for the written one
             ids, offsets = ids[1:], offsets[1:] if offsets is not None else None
         ids = [self.tokenizer.bos_token_id] + ids
@@ -465,9 +471,7 @@ class TokenPackerProcessor(ProcessorMixin):
             offsets = [(0, len(bos))] + [(begin + len(bos), end + len(bos)) for begin, end in offsets]
         return ids, offsets
 
-    def _encode_chunks(
-        self, prompt: str, add_special_tokens: bool
-    ) -> tuple[list[int], list[tuple[int, int]] | None]:
+    def _encode_chunks(self, prompt: str, add_special_tokens: bool) -> tuple[list[int], list[tuple[int, int]] | None]:
         """`encode_prompt` for a prompt that does not start with a written BOS."""
         with_offsets = self.tokenizer.is_fast
         legacy = self._sentencepiece_legacy() if with_offsets else None
@@ -483,8 +487,9 @@ class TokenPackerProcessor(ProcessorMixin):
                 ids.append(self.image_token_id)
                 offsets.append((start - len(self.image_token), start))
             ids.extend(chunk_ids)
-            offsets.extend((begin + start, end + start) if end > begin else (start, start)
-                           for begin, end in chunk_offsets)
+            offsets.extend(
+                (begin + start, end + start) if end > begin else (start, start) for begin, end in chunk_offsets
+            )
             start += len(chunk) + len(self.image_token)
         return ids, offsets if with_offsets else None
 
@@ -542,7 +547,7 @@ class TokenPackerProcessor(ProcessorMixin):
             fixed_ids.extend(segment_ids)
             fixed_offsets.extend(segment_offsets)
 
-        for token_id, (begin, end) in zip(ids, offsets):
+        for token_id, (begin, end) in zip(ids, offsets, strict=True):
             if token_id not in special_ids:
                 continue
             if end > begin:  # a special token written in the chunk: it ends the segment before it
@@ -606,8 +611,7 @@ class TokenPackerProcessor(ProcessorMixin):
             found = [len(flatten_images(item)) for item in images]
             if found != images_per_prompt:
                 raise ValueError(
-                    f"expected {images_per_prompt} images per prompt (one per {self.image_token} token), "
-                    f"got {found}"
+                    f"expected {images_per_prompt} images per prompt (one per {self.image_token} token), got {found}"
                 )
         image_list = flatten_images(images)
         if len(image_list) != expected:
@@ -626,7 +630,7 @@ class TokenPackerProcessor(ProcessorMixin):
             max_length = self.tokenizer.model_max_length
         left = self.tokenizer.truncation_side == "left"
         windows = []
-        for index, (sequence, spans) in enumerate(zip(sequences, image_spans)):
+        for index, (sequence, spans) in enumerate(zip(sequences, image_spans, strict=True)):
             if len(sequence) <= max_length:
                 windows.append(slice(None))
                 continue
@@ -658,7 +662,7 @@ class TokenPackerProcessor(ProcessorMixin):
         )  # fmt: skip
         offset_mapping = [
             pad_row(positions, len(ids) - len(sequence), (0, 0), side)
-            for positions, ids, sequence in zip(offsets, padded["input_ids"], sequences)
+            for positions, ids, sequence in zip(offsets, padded["input_ids"], sequences, strict=True)
         ]
         return padded["input_ids"], padded["attention_mask"], offset_mapping
 
@@ -691,4 +695,11 @@ class TokenPackerProcessor(ProcessorMixin):
         return ["input_ids", "attention_mask", "pixel_values", "image_grids"]
 
 
-__all__ = ["TokenPackerProcessor", "count_image_tokens", "pad_expanded", "pad_row", "vicuna_v1_chat_template", "VICUNA_V1_SYSTEM"]
+__all__ = [
+    "TokenPackerProcessor",
+    "count_image_tokens",
+    "pad_expanded",
+    "pad_row",
+    "vicuna_v1_chat_template",
+    "VICUNA_V1_SYSTEM",
+]
