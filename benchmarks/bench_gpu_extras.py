@@ -22,8 +22,8 @@ off by its limit keeps the rows it finished (`"complete": false`).
 Projector shapes are bench_projector's, models e2e_models'; `--smoke` takes their tiny shapes (seconds on a CPU).
 
 Usage:
-    python benchmarks/bench_gpu_extras.py sdpa --out /tmp/sdpa.json          # CUDA if present, bf16
-    python benchmarks/bench_gpu_extras.py train --smoke --device cpu --out /tmp/train.json
+    python benchmarks/bench_gpu_extras.py sdpa --out sdpa.json          # CUDA if present, bf16
+    python benchmarks/bench_gpu_extras.py train --smoke --device cpu --out train.json
 """
 
 from __future__ import annotations

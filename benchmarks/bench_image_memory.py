@@ -14,7 +14,7 @@ small parent: on Linux a child's `ru_maxrss` counts the memory its parent held w
 
 Usage:
     python benchmarks/bench_image_memory.py                    # 12 MP and 100 MP, 3 runs each (~2 min, ~2 GB)
-    python benchmarks/bench_image_memory.py --smoke --output /tmp/x.json   # one small photo, small tiles
+    python benchmarks/bench_image_memory.py --smoke --output smoke.json   # one small photo, small tiles
 """
 
 from __future__ import annotations

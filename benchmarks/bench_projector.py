@@ -21,7 +21,7 @@ which is 21.4 GFLOP per image for the default shapes.
 Usage:
     python benchmarks/bench_projector.py                  # CPU if no GPU, else CUDA; writes benchmarks/results/
     python benchmarks/bench_projector.py --device cpu --repeats 10 --threads 2
-    python benchmarks/bench_projector.py --smoke --out /tmp/x.json   # tiny shapes, seconds
+    python benchmarks/bench_projector.py --smoke --out smoke.json   # tiny shapes, seconds
 """
 
 from __future__ import annotations
