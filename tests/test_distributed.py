@@ -20,7 +20,7 @@ import tokenpacker_hf
 from tokenpacker_hf import TokenPackerForConditionalGeneration
 from tokenpacker_hf.training import TokenPackerCollator, encode_conversation, llava_to_messages
 
-from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, write_llava_dataset
+from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, torchrun, write_llava_dataset
 from tiny import tiny_config
 
 STEPS = 6
@@ -139,19 +139,10 @@ def test_fsdp2_two_cpu_processes_match_one_process_and_save_a_loadable_checkpoin
 @pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed is not installed")
 def test_deepspeed_zero3_two_cpu_processes_match_one_process(single_process):
     root, output = single_process, single_process / "zero3"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
     command = train_command(root / "model", root / "data" / "data.json", output, per_device_batch=2)
     # Without --use_cpu, which makes accelerate drop DeepSpeed; train.py puts it on the CPU over gloo.
     command.remove("--use_cpu")
-    run(torchrun + command + ["--deepspeed", str(REPO_ROOT / "examples" / "configs" / "zero3.json")], root)
+    run(torchrun() + command + ["--deepspeed", str(REPO_ROOT / "examples" / "configs" / "zero3.json")], root)
 
     assert (output / f"checkpoint-{STEPS}" / f"global_step{STEPS}").is_dir()  # DeepSpeed's own partitioned state
     # stage3_gather_16bit_weights_on_model_save gathers the full weights (fp32 here) into model.safetensors.

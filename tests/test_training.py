@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -26,7 +25,15 @@ from tokenpacker_hf.training import (
     llava_to_messages,
 )
 
-from builders import REPO_ROOT, free_port, make_processor, qa, save_tiny_model, small_dataset, write_llava_dataset
+from builders import (
+    REPO_ROOT,
+    make_processor,
+    qa,
+    save_tiny_model,
+    small_dataset,
+    torchrun,
+    write_llava_dataset,
+)
 from tiny import IMAGE_TOKEN_ID, make_tokenizer, tiny_config
 
 TOKENS_PER_IMAGE = tiny_config().num_image_tokens  # 4
@@ -322,16 +329,7 @@ def test_torchrun_two_processes_train_and_save_a_loadable_checkpoint(tmp_path):
     model_dir = save_tiny_model(tmp_path / "model")
     data = small_dataset(tmp_path)
     output = tmp_path / "out"
-    torchrun = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc_per_node",
-        "2",
-        "--master_port",
-        str(free_port()),
-    ]
-    command = torchrun + [
+    command = torchrun() + [
         str(REPO_ROOT / "examples" / "train.py"),
         "--model_name_or_path", str(model_dir),
         "--data_path", str(data),
